@@ -1,0 +1,1 @@
+"""Scion: adapting and combining transformers as pure transforms over parameter trees."""
