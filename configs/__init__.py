@@ -1,0 +1,1 @@
+"""Experiment configs as code: each file has ``get_config(arg)`` returning a ConfigDict."""

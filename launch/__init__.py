@@ -1,0 +1,1 @@
+"""Entry points: training (``launch.main``) and benchmarks (``launch.bench``)."""

@@ -1,0 +1,48 @@
+"""Train a config: ``python -m launch.main --config configs/NAME.py[:args] --workdir DIR``.
+
+Any config key can be overridden with ``--config.key=value``. Mistakes in what the user gave
+(an unknown key, a dataset or model that does not exist, a missing file, a checkpoint of another
+model, a rule matching nothing) end with one line naming the problem, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+USER_ERRORS = (ValueError, FileNotFoundError)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m launch.main", description=__doc__)
+    parser.add_argument("--config", required=True, help="configs/NAME.py[:args]")
+    parser.add_argument("--workdir", required=True, help="checkpoints and metrics; reruns resume")
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognised argument {item!r} (overrides look like --config.key=value)")
+        overrides.append(item[len("--config."):])
+    return args, overrides
+
+
+def main(argv=None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    from research.train import config as config_lib  # after argument parsing: --help stays fast
+    from research.train import loop
+
+    try:
+        config = config_lib.load(args.config, overrides)
+        results = loop.train(config, args.workdir)
+    except USER_ERRORS as err:
+        print(f"error: {err.args[0] if err.args else err!r}", file=sys.stderr)
+        return 2
+    print(json.dumps(results))
+    for key, value in results.items():
+        print(f"{key}={value:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

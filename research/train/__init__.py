@@ -1,0 +1,1 @@
+"""The engine: config loading, sharding, optimizer, checkpoints, metrics and the training loop."""

@@ -1,0 +1,335 @@
+"""The training run, as functions a notebook can call one by one.
+
+config -> data -> model (abstract shapes via ``jax.eval_shape``) -> trainable/frozen split ->
+optimizer (frozen leaves get no state) -> shardings (logical-axis rules over a named mesh) ->
+params created directly on their devices -> one jitted, donated update step -> orbax checkpoints
+-> evaluation -> metrics. :func:`train` reads top to bottom as those sections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from research import data as data_lib
+from research import models
+from research import tree as tree_lib
+from research.models import hf
+from research.train import checkpoint, optim, sharding, tasks
+from research.train.metrics import MetricWriter
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: abstract shapes and logical axes
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(config):
+    """The zoo model named by ``config.model`` (a preset plus overrides)."""
+    return models.build(config.model.name, **dict(config.model.get("overrides", {})))
+
+
+def abstract_params(model) -> tuple[dict, dict]:
+    """``(ShapeDtypeStruct tree, logical-axis-name tree)`` without allocating anything."""
+    dummy = model.dummy_inputs(1)
+    boxed = jax.eval_shape(lambda: model.module.init(jax.random.key(0), **dummy))["params"]
+    logical = jax.tree.map(lambda spec: tuple(spec), nn.get_partition_spec(boxed),
+                           is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return _plain(nn.unbox(boxed)), _plain(logical)
+
+
+def _plain(tree) -> dict:
+    return tree_lib.unflatten(tree_lib.flatten(tree))
+
+
+# ---------------------------------------------------------------------------------------------
+# State: trainable and frozen params, optimizer state, step, rng -- and where each leaf lives
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything static about a run, computed from config and abstract shapes only."""
+    model: Any
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    trainable: dict           # bool tree over all params
+    tx: optax.GradientTransformation
+    param_shardings: dict     # over all params
+    state_shardings: dict     # over the train state
+    abstract_state: dict      # ShapeDtypeStructs with shardings, for restore
+
+
+def _opt_state_shardings(opt_shapes, param_shapes, param_shardings, mesh):
+    """Optimizer leaves that mirror a parameter (Adam's mu and nu) live where it lives; the
+    rest (counters) are replicated."""
+    mirrors = list(zip(tree_lib.flatten(param_shapes).items(),
+                       tree_lib.flatten(param_shardings).values()))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    def one(key_path, leaf):
+        path = checkpoint.key_path_name(key_path)
+        for (param_path, param), param_sharding in mirrors:
+            if path.endswith(param_path) and leaf.shape == param.shape:
+                return param_sharding
+        return replicated
+    return jax.tree_util.tree_map_with_path(one, opt_shapes)
+
+
+def make_setup(config, model, total_steps: int) -> Setup:
+    shapes, logical = abstract_params(model)
+    rules = tuple(tuple(rule) for rule in config.sharding.rules)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    trainable = optim.trainable_mask(shapes, config.optim.get("frozen", ()),
+                                     config.optim.get("trainable", None))
+    train_shapes, frozen_shapes = tree_lib.split(shapes, trainable)
+    tx = optim.make_optimizer(config.optim, train_shapes, total_steps)
+
+    param_shardings = sharding.param_shardings(shapes, logical, mesh, rules)
+    train_shardings, frozen_shardings = tree_lib.split(param_shardings, trainable)
+    opt_shapes = jax.eval_shape(tx.init, train_shapes)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state_shardings = {
+        "step": replicated, "rng": replicated,
+        "trainable": train_shardings, "frozen": frozen_shardings,
+        "opt_state": _opt_state_shardings(opt_shapes, train_shapes, train_shardings, mesh),
+    }
+    state_shapes = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+        "trainable": train_shapes, "frozen": frozen_shapes, "opt_state": opt_shapes,
+    }
+    abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        state_shapes, state_shardings)
+    return Setup(model, mesh, rules, trainable, tx, param_shardings, state_shardings,
+                 abstract_state)
+
+
+def init_params(config, setup: Setup, rng) -> dict:
+    """Params created directly on their shardings: random init inside a jit with
+    ``out_shardings``, then pretrained leaves (if ``config.model.pretrained``) placed shard by
+    shard from the safetensors file."""
+    model, dummy = setup.model, setup.model.dummy_inputs(1)
+    init = jax.jit(lambda key: _plain(nn.unbox(model.module.init(key, **dummy)["params"])),
+                   out_shardings=setup.param_shardings)
+    params = init(rng)
+    pretrained = config.model.get("pretrained")
+    if not pretrained:
+        return params
+    _, loaded = hf.load_pretrained(pretrained, model=model)
+    flat_params, flat_shardings = tree_lib.flatten(params), tree_lib.flatten(setup.param_shardings)
+    for path, value in tree_lib.flatten(loaded).items():
+        value = np.asarray(value)
+        if path not in flat_params or value.shape != flat_params[path].shape:
+            raise ValueError(f"pretrained {pretrained}: {path!r} does not fit the model "
+                             f"({value.shape} vs {getattr(flat_params.get(path), 'shape', None)})")
+        flat_params[path] = jax.make_array_from_callback(
+            value.shape, flat_shardings[path], lambda index, v=value: v[index])
+    return tree_lib.unflatten(flat_params)
+
+
+def init_state(config, setup: Setup) -> dict:
+    rng = jax.random.key(config.seed)
+    params = init_params(config, setup, jax.random.fold_in(rng, 0))
+    trainable, frozen = tree_lib.split(params, setup.trainable)
+    opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(trainable)
+    return {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng),
+            "trainable": trainable, "frozen": frozen, "opt_state": opt_state}
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------
+
+
+def _forward_sums(setup: Setup, trainable, frozen, batch, rng, *, training: bool):
+    model = setup.model
+    inputs, targets = tasks.model_inputs(model, batch, rng, training=training)
+    logits = model.module.apply({"params": tree_lib.combine(trainable, frozen)}, **inputs,
+                                deterministic=not training, rngs={"dropout": rng})
+    return tasks.loss_sums(model, logits, targets)
+
+
+def make_train_step(setup: Setup, grad_accum: int = 1):
+    """One jitted update step with the state donated. With ``grad_accum > 1`` the batch is cut
+    into interleaved micro-batches (so each device keeps its share of every one) and the
+    gradients are summed in a scan."""
+
+    def loss_fn(trainable, frozen, batch, rng):
+        sums = _forward_sums(setup, trainable, frozen, batch, rng, training=True)
+        return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state, batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        if grad_accum == 1:
+            (_, sums), grads = grad_fn(state["trainable"], state["frozen"], batch, rng)
+        else:
+            micro = jax.tree.map(
+                lambda x: jnp.moveaxis(x.reshape(-1, grad_accum, *x.shape[1:]), 1, 0), batch)
+            def body(carry, xs):
+                index, micro_batch = xs
+                (_, sums), grads = grad_fn(state["trainable"], state["frozen"], micro_batch,
+                                           jax.random.fold_in(rng, index))
+                return jax.tree.map(jnp.add, carry, (grads, sums)), None
+            zeros = jax.tree.map(jnp.zeros_like, (state["trainable"], {
+                "loss": 0.0, "correct": 0.0, "count": 0.0}))
+            (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
+            grads = jax.tree.map(lambda g: g / grad_accum, grads)
+        updates, opt_state = setup.tx.update(grads, state["opt_state"], state["trainable"])
+        new_state = {**state, "step": state["step"] + 1, "opt_state": opt_state,
+                     "trainable": optax.apply_updates(state["trainable"], updates)}
+        return new_state, {**sums, "grad_norm": optax.global_norm(grads)}
+
+    with_rules = _under_rules(setup, step)
+    return jax.jit(with_rules, in_shardings=(setup.state_shardings, _batch_sharding(setup)),
+                   out_shardings=(setup.state_shardings, None), donate_argnums=0)
+
+
+def make_eval_step(setup: Setup):
+    def step(state, batch):
+        return _forward_sums(setup, state["trainable"], state["frozen"], batch,
+                             jax.random.key(0), training=False)
+    return jax.jit(_under_rules(setup, step),
+                   in_shardings=(setup.state_shardings, _batch_sharding(setup)))
+
+
+def _under_rules(setup: Setup, fn):
+    """Trace ``fn`` with the mesh and logical rules active, so the model's activation
+    constraints resolve to mesh axes."""
+    def wrapped(*args):
+        with jax.sharding.use_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+            return fn(*args)
+    return wrapped
+
+
+def _batch_sharding(setup: Setup) -> NamedSharding:
+    return sharding.batch_sharding(setup.mesh, setup.rules)
+
+
+def global_batch(setup: Setup, local_batch: dict) -> dict:
+    """Assemble this process's rows into global arrays split along the batch rule."""
+    target = _batch_sharding(setup)
+    return {k: jax.make_array_from_process_local_data(target, np.asarray(v))
+            for k, v in local_batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def local_batch_size(batch_size: int) -> int:
+    if batch_size % jax.process_count():
+        raise ValueError(f"config.train.batch_size={batch_size} does not divide over "
+                         f"{jax.process_count()} processes")
+    return batch_size // jax.process_count()
+
+
+def make_loader(config, split: str, *, training: bool, batch_size: int):
+    return data_lib.make_loader(
+        config.data.name, split, batch_size=local_batch_size(batch_size),
+        seed=config.seed, shuffle=training, num_epochs=None if training else 1,
+        drop_remainder=training, data_dir=config.data.get("data_dir"),
+        **dict(config.data.get("options", {})))
+
+
+def _pad_rows(batch: dict, rows: int) -> dict:
+    """Pad a short final evaluation batch to full size, marking the padding ``valid=0``."""
+    n = len(next(iter(batch.values())))
+    padded = {k: np.concatenate([v, np.zeros((rows - n, *v.shape[1:]), v.dtype)])
+              for k, v in batch.items()}
+    padded["valid"] = (np.arange(rows) < n).astype(np.int32)
+    return padded
+
+
+def evaluate(config, setup: Setup, eval_step, state, split: str) -> dict:
+    batch_size = config.train.get("eval_batch_size", config.train.batch_size)
+    local_rows = local_batch_size(batch_size)
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    for batch in make_loader(config, split, training=False, batch_size=batch_size):
+        sums = eval_step(state, global_batch(setup, _pad_rows(batch, local_rows)))
+        totals = {k: totals[k] + float(sums[k]) for k in totals}
+    return {f"{split}/{k}": v for k, v in tasks.means(totals).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def train(config, workdir: str) -> dict:
+    """Train ``config`` in ``workdir``, resuming from its newest checkpoint; returns the final
+    evaluation metrics."""
+    from tqdm import tqdm
+
+    # --- Data -----------------------------------------------------------------------------
+    train_loader = make_loader(config, "train", training=True, batch_size=config.train.batch_size)
+    train_iter = iter(train_loader)
+
+    # --- Model, method, optimizer, shardings (shapes only) ---------------------------------
+    model = build_model(config)
+    total_steps = int(config.train.steps)
+    setup = make_setup(config, model, total_steps)
+
+    # --- State: restored from the workdir, or created on its devices ------------------------
+    manager = checkpoint.make_manager(workdir, keep=config.checkpoint.get("keep", 2),
+                                      save_every=config.checkpoint.get("every", 100),
+                                      async_save=config.checkpoint.get("async", True))
+    restored = checkpoint.restore_latest(manager, setup.abstract_state)
+    if restored is None:
+        state = init_state(config, setup)
+    else:
+        start, state, data_state = restored
+        if data_state is not None:
+            train_iter.set_state(data_state)
+        print(f"resumed from {workdir} at step {start}")
+
+    # --- Steps ------------------------------------------------------------------------------
+    train_step = make_train_step(setup, int(config.train.get("grad_accum", 1)))
+    eval_step = make_eval_step(setup)
+    writer = MetricWriter(workdir)
+    log_every = int(config.train.get("log_every", 10))
+    eval_every = int(config.train.get("eval_every", 0))
+    start = int(state["step"])
+    window, window_steps, window_start = None, 0, time.perf_counter()
+
+    progress = tqdm(range(start, total_steps), initial=start, total=total_steps,
+                    disable=jax.process_index() != 0, desc="train", dynamic_ncols=True)
+    for step in progress:
+        state, sums = train_step(state, global_batch(setup, next(train_iter)))
+        window = sums if window is None else jax.tree.map(jnp.add, window, sums)
+        window_steps += 1
+        done = step + 1
+        if done % log_every == 0 or done == total_steps:
+            seconds = time.perf_counter() - window_start
+            metrics = {f"train/{k}": v for k, v in tasks.means(window).items()}
+            metrics["train/grad_norm"] = float(window["grad_norm"]) / window_steps
+            metrics["train/steps_per_s"] = window_steps / max(seconds, 1e-9)
+            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+            writer.write(done, metrics)
+            window, window_steps, window_start = None, 0, time.perf_counter()
+        if eval_every and done % eval_every == 0 and done != total_steps:
+            writer.write(done, evaluate(config, setup, eval_step, state, "validation"))
+        checkpoint.save(manager, done, state, train_iter.get_state(),
+                        force=done == total_steps)
+
+    # --- Final evaluation -------------------------------------------------------------------
+    manager.wait_until_finished()
+    results = {}
+    for split in config.train.get("final_eval_splits", ("validation", "test")):
+        results.update(evaluate(config, setup, eval_step, state, split))
+    writer.write(int(state["step"]), results)
+    writer.close()
+    manager.close()
+    return results
+
