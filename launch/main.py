@@ -36,7 +36,8 @@ def main(argv=None) -> int:
         config = config_lib.load(args.config, overrides)
         results = loop.train(config, args.workdir)
     except USER_ERRORS as err:
-        print(f"error: {err.args[0] if err.args else err!r}", file=sys.stderr)
+        message = err.args[0] if err.args else repr(err)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     print(json.dumps(results))
     for key, value in results.items():

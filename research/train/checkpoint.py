@@ -18,8 +18,10 @@ def make_manager(workdir: str, *, keep: int = 3, save_every: int = 1,
                  async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
                                            enable_async_checkpointing=async_save, create=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 options=options, item_names=("state", "data"))
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict | None,
@@ -34,7 +36,10 @@ def _check_compatible(manager, step: int, abstract_state) -> None:
     saved = manager.item_metadata(step)["state"]
     saved_flat = {path: getattr(leaf, "shape", None)
                   for path, leaf in _flatten_any(saved).items()}
-    for path, leaf in _flatten_any(abstract_state).items():
+    # Parameters first: the first differing weight names the mismatch best.
+    expected = sorted(_flatten_any(abstract_state).items(),
+                      key=lambda item: (not item[0].startswith(("trainable/", "frozen/")), item[0]))
+    for path, leaf in expected:
         if path not in saved_flat:
             raise ValueError(f"checkpoint step {step} in {manager.directory} has no {path!r}: "
                              "it was written by a different model or method")
@@ -71,7 +76,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state):
         return None
     _check_compatible(manager, step, abstract_state)
     args = {"state": ocp.args.StandardRestore(abstract_state)}
-    if "data" in manager.item_metadata(step) and manager.item_metadata(step)["data"] is not None:
+    if os.path.isdir(os.path.join(manager.directory, str(step), "data")):
         args["data"] = ocp.args.JsonRestore()
     restored = manager.restore(step, args=ocp.args.Composite(**args))
     return step, restored["state"], restored.get("data")

@@ -57,7 +57,7 @@ def set_key(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
         if not isinstance(node, ml_collections.ConfigDict):
             break
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        near = difflib.get_close_matches(dotted, _keys(config), n=3)
+        near = difflib.get_close_matches(dotted, _keys(config), n=3, cutoff=0.75)
         hint = f"; did you mean {', '.join(near)}?" if near else ""
         raise ValueError(f"unknown config key {dotted!r}{hint}")
     node[leaf] = parse_value(text, node[leaf], dotted)
@@ -75,6 +75,8 @@ def parse_value(text: str, current, key: str):
     except (ValueError, SyntaxError):
         raise ValueError(f"config key {key!r} expects a {type(current).__name__}, "
                          f"got {text!r}") from None
+    if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+        return ml_collections.ConfigDict(value)
     if isinstance(current, float) and isinstance(value, int):
         value = float(value)
     if current is not None and not isinstance(value, type(current)) and not (

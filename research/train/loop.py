@@ -9,6 +9,7 @@ params created directly on their devices -> one jitted, donated update step -> o
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Any
 
@@ -39,15 +40,9 @@ def build_model(config):
 
 def abstract_params(model) -> tuple[dict, dict]:
     """``(ShapeDtypeStruct tree, logical-axis-name tree)`` without allocating anything."""
-    dummy = model.dummy_inputs(1)
-    boxed = jax.eval_shape(lambda: model.module.init(jax.random.key(0), **dummy))["params"]
-    logical = jax.tree.map(lambda spec: tuple(spec), nn.get_partition_spec(boxed),
+    logical = jax.tree.map(tuple, model.logical_axes(),
                            is_leaf=lambda x: isinstance(x, PartitionSpec))
-    return _plain(nn.unbox(boxed)), _plain(logical)
-
-
-def _plain(tree) -> dict:
-    return tree_lib.unflatten(tree_lib.flatten(tree))
+    return model.param_shapes(), logical
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,10 +78,11 @@ def _opt_state_shardings(opt_shapes, param_shapes, param_shardings, mesh):
     return jax.tree_util.tree_map_with_path(one, opt_shapes)
 
 
-def make_setup(config, model, total_steps: int) -> Setup:
+def make_setup(config, model, total_steps: int, devices=None) -> Setup:
+    """Everything static about the run, from shapes alone (``devices`` default: all)."""
     shapes, logical = abstract_params(model)
     rules = tuple(tuple(rule) for rule in config.sharding.rules)
-    mesh = sharding.make_mesh(dict(config.mesh))
+    mesh = sharding.make_mesh(dict(config.mesh), devices)
     trainable = optim.trainable_mask(shapes, config.optim.get("frozen", ()),
                                      config.optim.get("trainable", None))
     train_shapes, frozen_shapes = tree_lib.split(shapes, trainable)
@@ -116,21 +112,17 @@ def make_setup(config, model, total_steps: int) -> Setup:
 def init_params(config, setup: Setup, rng) -> dict:
     """Params created directly on their shardings: random init inside a jit with
     ``out_shardings``, then pretrained leaves (if ``config.model.pretrained``) placed shard by
-    shard from the safetensors file."""
-    model, dummy = setup.model, setup.model.dummy_inputs(1)
-    init = jax.jit(lambda key: _plain(nn.unbox(model.module.init(key, **dummy)["params"])),
-                   out_shardings=setup.param_shardings)
-    params = init(rng)
+    shard from the safetensors file. Heads the checkpoint lacks keep their random init."""
+    params = jax.jit(setup.model.init, out_shardings=setup.param_shardings)(rng)
     pretrained = config.model.get("pretrained")
     if not pretrained:
         return params
-    _, loaded = hf.load_pretrained(pretrained, model=model)
+    loaded_model, loaded = hf.load_pretrained(pretrained, model=setup.model)
     flat_params, flat_shardings = tree_lib.flatten(params), tree_lib.flatten(setup.param_shardings)
     for path, value in tree_lib.flatten(loaded).items():
+        if path in loaded_model.newly_initialized:
+            continue
         value = np.asarray(value)
-        if path not in flat_params or value.shape != flat_params[path].shape:
-            raise ValueError(f"pretrained {pretrained}: {path!r} does not fit the model "
-                             f"({value.shape} vs {getattr(flat_params.get(path), 'shape', None)})")
         flat_params[path] = jax.make_array_from_callback(
             value.shape, flat_shardings[path], lambda index, v=value: v[index])
     return tree_lib.unflatten(flat_params)
@@ -141,8 +133,10 @@ def init_state(config, setup: Setup) -> dict:
     params = init_params(config, setup, jax.random.fold_in(rng, 0))
     trainable, frozen = tree_lib.split(params, setup.trainable)
     opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(trainable)
-    return {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng),
-            "trainable": trainable, "frozen": frozen, "opt_state": opt_state}
+    state = {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng),
+             "trainable": trainable, "frozen": frozen, "opt_state": opt_state}
+    # Committed to the step's own shardings, so the first step compiles once, not twice.
+    return jax.device_put(state, setup.state_shardings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +201,8 @@ def _under_rules(setup: Setup, fn):
     """Trace ``fn`` with the mesh and logical rules active, so the model's activation
     constraints resolve to mesh axes."""
     def wrapped(*args):
-        with jax.sharding.use_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh), \
+                nn.logical_axis_rules(setup.rules):
             return fn(*args)
     return wrapped
 
@@ -291,7 +286,7 @@ def train(config, workdir: str) -> dict:
     else:
         start, state, data_state = restored
         if data_state is not None:
-            train_iter.set_state(data_state)
+            train_iter.set_state(json.dumps(data_state).encode())
         print(f"resumed from {workdir} at step {start}")
 
     # --- Steps ------------------------------------------------------------------------------
@@ -320,7 +315,7 @@ def train(config, workdir: str) -> dict:
             window, window_steps, window_start = None, 0, time.perf_counter()
         if eval_every and done % eval_every == 0 and done != total_steps:
             writer.write(done, evaluate(config, setup, eval_step, state, "validation"))
-        checkpoint.save(manager, done, state, train_iter.get_state(),
+        checkpoint.save(manager, done, state, json.loads(train_iter.get_state()),
                         force=done == total_steps)
 
     # --- Final evaluation -------------------------------------------------------------------

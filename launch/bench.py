@@ -1,0 +1,158 @@
+"""Benchmarks: ``python -m launch.bench NAME``; figures print as ``key=value``, the last line
+is the headline ratio.
+
+Only ratios measured side by side in one process are compared (the machines are noisy); FLOPs
+and bytes come from XLA's deterministic ``cost_analysis()`` and ``memory_analysis()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+MINILM_BATCH, MINILM_LENGTH = 32, 64
+
+
+def _timed(fn, *args, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn(*args)`` (blocking on the result)."""
+    import jax
+
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a large float32 matmul: the machine's practical peak for XLA here."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    return 2 * size**3 / _timed(matmul, a, b, repeats=repeats)
+
+
+def minilm_setup(mesh: dict, steps: int = 10):
+    """A MiniLM-size full fine-tuning run (random weights: same shapes and FLOPs)."""
+    from configs import common
+    from research.train import loop
+
+    config = common.base_config()
+    config.data.name = "rotten_tomatoes/sentiment"
+    config.model.name = "minilm_l6_classifier"
+    config.model.overrides = dict(num_classes=2)
+    config.train.batch_size = MINILM_BATCH
+    config.train.steps = steps
+    config.mesh = mesh
+    model = loop.build_model(config)
+    return config, loop.make_setup(config, model, steps)
+
+
+def minilm_batch(setup):
+    import numpy as np
+
+    from research.train import loop
+
+    rng = np.random.default_rng(0)
+    batch = {
+        "input_ids": rng.integers(1000, 30000, (MINILM_BATCH, MINILM_LENGTH)).astype(np.int32),
+        "attention_mask": np.ones((MINILM_BATCH, MINILM_LENGTH), np.int32),
+        "token_type_ids": np.zeros((MINILM_BATCH, MINILM_LENGTH), np.int32),
+        "label": rng.integers(0, 2, (MINILM_BATCH,)).astype(np.int32),
+    }
+    return loop.global_batch(setup, batch)
+
+
+def train_step_memory(devices: int) -> dict:
+    """Per-device bytes of the compiled FSDP step: parameters + optimizer state (arguments)."""
+    import jax
+
+    from research.train import loop
+
+    assert jax.device_count() == devices, (jax.device_count(), devices)
+    config, setup = minilm_setup({"fsdp": devices})
+    state_shapes = setup.abstract_state
+    batch = minilm_batch(setup)
+    compiled = loop.make_train_step(setup).lower(state_shapes, batch).compile()
+    memory = compiled.memory_analysis()
+    batch_bytes = sum(x.nbytes for x in batch.values()) // devices
+    return {"argument_bytes": int(memory.argument_size_in_bytes) - batch_bytes,
+            "temp_bytes": int(memory.temp_size_in_bytes)}
+
+
+def _in_subprocess(devices: int) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    out = subprocess.run([sys.executable, "-m", "launch.bench", "train_step_memory",
+                          "--devices", str(devices)], env=env, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_train_step() -> None:
+    import jax
+
+    from research.train import loop
+
+    peak = matmul_peak()
+    config, setup = minilm_setup({"data": 1}, steps=100)
+    state = loop.init_state(config, setup)
+    batch = minilm_batch(setup)
+    step = loop.make_train_step(setup)
+    compiled = step.lower(state, batch).compile()
+    flops = float(compiled.cost_analysis()["flops"])
+
+    def run(state):
+        return compiled(state, batch)[0]
+
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"] = run(holder["state"])
+        return holder["state"]["step"]
+
+    seconds = _timed(one_step, repeats=10)
+    memory = {n: _in_subprocess(n) for n in (1, 8)}
+    print(f"backend={jax.default_backend()}")
+    print(f"matmul_peak_gflops={peak / 1e9:.1f}")
+    print(f"step_gflop={flops / 1e9:.2f}")
+    print(f"step_seconds={seconds:.4f}")
+    print(f"step_gflops_per_s={flops / seconds / 1e9:.1f}")
+    print(f"tokens_per_s={MINILM_BATCH * MINILM_LENGTH / seconds:.0f}")
+    for n, figures in memory.items():
+        print(f"param_opt_bytes_per_device_{n}dev={figures['argument_bytes']}")
+        print(f"temp_bytes_per_device_{n}dev={figures['temp_bytes']}")
+    fsdp_ratio = memory[8]["argument_bytes"] / memory[1]["argument_bytes"]
+    print(f"fsdp8_over_1dev_bytes={fsdp_ratio:.4f}")
+    print(f"step_flops_per_s_over_matmul_peak={flops / seconds / peak:.3f}")
+
+
+BENCHMARKS = {"train_step": bench_train_step}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.bench")
+    parser.add_argument("name", help=f"one of {sorted(BENCHMARKS)}")
+    parser.add_argument("--devices", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.name == "train_step_memory":  # helper run in a subprocess with N fake devices
+        print(json.dumps(train_step_memory(args.devices)))
+        return 0
+    if args.name not in BENCHMARKS:
+        print(f"error: benchmark {args.name!r} is not one of {sorted(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    BENCHMARKS[args.name]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""One configurable transformer block for every model in the zoo.
+
+The block is the Transformer layer of Vaswani et al. (2017, "Attention Is All You Need") with
+the switches that separate its descendants: post-LN (BERT, Devlin et al. 2019) or pre-LN
+(ViT, Dosovitskiy et al. 2021; Llama, Touvron et al. 2023); LayerNorm (Ba et al. 2016) or
+RMSNorm (Zhang & Sennrich 2019); a GELU MLP or SwiGLU (Shazeer 2020); rotary positions (RoPE,
+Su et al. 2021); causal masking; grouped-query attention (GQA, Ainslie et al. 2023).
+
+Every weight carries logical axis names and key activations carry logical constraints, so
+sharding is chosen by rules outside model code (MaxText's scheme).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Sizes and options of a zoo model. Params are always float32; ``dtype`` is for compute."""
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    num_kv_heads: int | None = None  # None: one key/value head per query head
+    head_dim: int | None = None      # None: hidden_size // num_heads
+    mlp_dim: int = 3072
+    max_length: int = 512
+    type_vocab_size: int = 2
+    num_classes: int = 2
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    mask_token_id: int = 103  # BERT's [MASK]; read by the masked-LM task
+    norm: str = "layernorm"
+    pre_norm: bool = False
+    mlp: str = "gelu"
+    use_bias: bool = True
+    rotary: bool = False
+    causal: bool = False
+    tie_word_embeddings: bool = False
+    norm_eps: float = 1e-12
+    rope_theta: float = 10000.0
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        # Derived sizes are resolved here so every consumer (and config.json) sees numbers.
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.norm not in NORMS:
+            raise ValueError(f"norm={self.norm!r} is not one of {NORMS}")
+        if self.mlp not in MLPS:
+            raise ValueError(f"mlp={self.mlp!r} is not one of {MLPS}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r} is not one of float32, bfloat16, float16")
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+
+CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(ModelConfig))
+
+
+def make_config(**settings) -> ModelConfig:
+    """A ModelConfig; an unknown key is a one-line ValueError listing the valid ones."""
+    unknown = [key for key in settings if key not in CONFIG_FIELDS]
+    if unknown:
+        raise ValueError(f"unknown model config key {unknown[0]!r}; valid: "
+                         f"{', '.join(CONFIG_FIELDS)}")
+    return ModelConfig(**settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters and activations with logical axis names
+# ---------------------------------------------------------------------------------------------
+
+
+def partitioned(init, *names):
+    return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x, *names):
+    return nn.with_logical_constraint(x, names)
+
+
+def weight_init(config: ModelConfig, *names):
+    # HF's initialisation: N(0, initializer_range) weights, zero biases, unit norm scales.
+    return partitioned(nn.initializers.normal(config.initializer_range), *names)
+
+
+def dense(config: ModelConfig, features: int, kernel_axes: tuple, *, use_bias: bool = True,
+          name: str | None = None) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=config.compute_dtype,
+                    param_dtype=jnp.float32, kernel_init=weight_init(config, *kernel_axes),
+                    bias_init=partitioned(nn.initializers.zeros, kernel_axes[-1]), name=name)
+
+
+def embed(config: ModelConfig, rows: int, row_axis: str, name: str | None = None) -> nn.Embed:
+    return nn.Embed(rows, config.hidden_size, dtype=config.compute_dtype,
+                    param_dtype=jnp.float32, embedding_init=weight_init(config, row_axis, "embed"),
+                    name=name)
+
+
+class MultiAxisDense(nn.Module):
+    """A dense layer whose kernel keeps heads as their own axis (``[embed, heads, head_dim]`` in,
+    ``[heads, head_dim, embed]`` out). The kernel is created at its full shape, not flattened
+    and reshaped as ``nn.DenseGeneral`` does, so its logical axes stay valid under a mesh."""
+    config: ModelConfig
+    kernel_axes: tuple
+    features: tuple
+    equation: str
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        inputs = x.shape[-(len(self.kernel_axes) - len(self.features)):]
+        kernel = self.param("kernel", weight_init(c, *self.kernel_axes),
+                            (*inputs, *self.features), jnp.float32)
+        y = jnp.einsum(self.equation, x.astype(c.compute_dtype), kernel.astype(c.compute_dtype))
+        if c.use_bias:
+            bias_axes = self.kernel_axes[-len(self.features):]
+            bias = self.param("bias", partitioned(nn.initializers.zeros, *bias_axes),
+                              self.features, jnp.float32)
+            y = y + bias.astype(c.compute_dtype)
+        return y
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm over the last axis. Statistics are taken in float32 (two-pass
+    variance, as torch does) so low-precision compute does not lose them."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        size = x.shape[-1]
+        scale = self.param("scale", partitioned(nn.initializers.ones, "embed"), (size,),
+                           jnp.float32)
+        x32 = x.astype(jnp.float32)
+        if c.norm == "rmsnorm":
+            normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + c.norm_eps)
+            # Llama casts back before scaling; doing the same keeps bf16 runs close to HF.
+            return (normed.astype(c.compute_dtype) * scale).astype(c.compute_dtype)
+        bias = self.param("bias", partitioned(nn.initializers.zeros, "embed"), (size,),
+                          jnp.float32)
+        centred = x32 - jnp.mean(x32, -1, keepdims=True)
+        normed = centred * jax.lax.rsqrt(jnp.mean(centred * centred, -1, keepdims=True)
+                                         + c.norm_eps)
+        return (normed * scale + bias).astype(c.compute_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_bias(attention_mask, length: int, causal: bool):
+    """Additive bias [batch or 1, 1, query, key]: 0 where attending is allowed, float32's
+    most negative value where not (HF's choice: unlike -inf, a row with nothing allowed stays
+    finite instead of turning into NaN). None when everything is allowed."""
+    allowed = None
+    if attention_mask is not None:
+        allowed = attention_mask[:, None, None, :].astype(bool)
+    if causal:
+        lower = jnp.tril(jnp.ones((length, length), bool))[None, None]
+        allowed = lower if allowed is None else allowed & lower
+    if allowed is None:
+        return None
+    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def rotate(x, theta: float):
+    """Rotary position embedding over [batch, length, heads, head_dim], in HF Llama's
+    half-split layout (pairs are (i, i + head_dim/2), not interleaved), at positions 0..L-1."""
+    head_dim = x.shape[-1]
+    inverse_frequency = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32)
+                                         / head_dim))
+    angles = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * inverse_frequency
+    angles = jnp.concatenate([angles, angles], -1)[None, :, None, :]
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated_half = jnp.concatenate([-second, first], -1)
+    return (x32 * jnp.cos(angles) + rotated_half * jnp.sin(angles)).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head dot-product attention; ``num_kv_heads < num_heads`` gives GQA, where each
+    key/value head serves a contiguous group of query heads (HF's ``repeat_kv`` order)."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, bias, deterministic: bool):
+        c = self.config
+        batch, length = x.shape[:2]
+
+        def project(name, heads, heads_axis):
+            return MultiAxisDense(c, ("embed", heads_axis, "head_dim"), (heads, c.head_dim),
+                                  "...e,ehd->...hd", name=name)(x)
+
+        query = constrain(project("query", c.num_heads, "heads"),
+                          "batch", "length", "heads", "head_dim")
+        key = constrain(project("key", c.num_kv_heads, "kv_heads"),
+                        "batch", "length", "kv_heads", "head_dim")
+        value = constrain(project("value", c.num_kv_heads, "kv_heads"),
+                          "batch", "length", "kv_heads", "head_dim")
+        if c.rotary:
+            query, key = rotate(query, c.rope_theta), rotate(key, c.rope_theta)
+
+        groups = c.num_heads // c.num_kv_heads
+        query = query.reshape(batch, length, c.num_kv_heads, groups, c.head_dim)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", query, key).astype(jnp.float32)
+        scores = scores / math.sqrt(c.head_dim)
+        if bias is not None:
+            scores = scores + bias[:, :, None]
+        # Softmax in float32: bf16 exponentials over long rows lose most of their mass.
+        probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
+        probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
+        context = jnp.einsum("bkgqs,bskd->bqkgd", probs, value)
+        context = context.reshape(batch, length, c.num_heads, c.head_dim)
+        context = constrain(context, "batch", "length", "heads", "head_dim")
+        return MultiAxisDense(c, ("heads", "head_dim", "embed"), (c.hidden_size,),
+                              "...hd,hde->...e", name="out")(context)
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP, block, stack
+# ---------------------------------------------------------------------------------------------
+
+
+class Mlp(nn.Module):
+    """GELU (exact, erf) MLP ``wo(gelu(wi x))`` or SwiGLU ``down(silu(gate x) * up x)``."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        def inner(name):
+            return dense(c, c.mlp_dim, ("embed", "mlp"), use_bias=c.use_bias, name=name)(x)
+        if c.mlp == "swiglu":
+            hidden, out_name = nn.silu(inner("gate")) * inner("up"), "down"
+        else:
+            hidden, out_name = nn.gelu(inner("wi"), approximate=False), "wo"
+        hidden = constrain(hidden, "batch", "length", "mlp")
+        return dense(c, c.hidden_size, ("mlp", "embed"), use_bias=c.use_bias,
+                     name=out_name)(hidden)
+
+
+class Block(nn.Module):
+    """Attention then MLP, each with a residual connection and a norm placed before the
+    sublayer (pre-LN) or after the residual sum (post-LN)."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, bias, deterministic: bool):
+        c = self.config
+        attention, mlp = Attention(c, name="attn"), Mlp(c, name="mlp")
+        attn_norm, mlp_norm = Norm(c, name="attn_norm"), Norm(c, name="mlp_norm")
+        def drop(y):
+            return nn.Dropout(c.hidden_dropout)(y, deterministic=deterministic)
+        if c.pre_norm:
+            x = x + drop(attention(attn_norm(x), bias, deterministic))
+            x = x + drop(mlp(mlp_norm(x)))
+        else:
+            x = attn_norm(x + drop(attention(x, bias, deterministic)))
+            x = mlp_norm(x + drop(mlp(x)))
+        return constrain(x, "batch", "length", "embed")
+
+
+class Stack(nn.Module):
+    """``num_layers`` blocks named ``layer_{i}``, then an optional ``final_norm`` (pre-LN
+    models need one; post-LN models end normalised already)."""
+    config: ModelConfig
+    final_norm: bool = False
+
+    @nn.compact
+    def __call__(self, x, attention_mask, deterministic: bool):
+        c = self.config
+        bias = attention_bias(attention_mask, x.shape[1], c.causal)
+        x = constrain(x, "batch", "length", "embed")
+        for index in range(c.num_layers):
+            x = Block(c, name=f"layer_{index}")(x, bias, deterministic)
+        return Norm(c, name="final_norm")(x) if self.final_norm else x

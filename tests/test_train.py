@@ -1,0 +1,223 @@
+"""The training loop on 8 fake CPU devices: layouts follow the rules, the sharded step equals
+the single-device step, accumulation equals one big batch, frozen leaves carry no state, and
+runs resume from orbax checkpoints exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import common
+from research import tree
+from research.train import checkpoint, loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**train):
+    config = common.base_config()
+    config.data.name = "rotten_tomatoes/sentiment"
+    config.data.options = dict(max_length=16)
+    config.model.name = "bert_tiny_classifier"
+    config.model.overrides = dict(num_classes=2, vocab_size=30522, hidden_size=32, num_heads=4,
+                                  mlp_dim=64, num_layers=2, hidden_dropout=0.0,
+                                  attention_dropout=0.0)
+    config.train.batch_size = 8
+    config.train.steps = 3
+    config.optim.learning_rate = 1e-3
+    config.optim.schedule = "constant"
+    config.train.update(train)
+    return config
+
+
+def random_batch(setup, rows=8, length=16, seed=0):
+    rng = np.random.default_rng(seed)
+    batch = {"input_ids": rng.integers(1000, 30000, (rows, length)).astype(np.int32),
+             "attention_mask": (np.arange(length) < rng.integers(4, length, (rows, 1))).astype(np.int32),
+             "token_type_ids": np.zeros((rows, length), np.int32),
+             "label": rng.integers(0, 2, (rows,)).astype(np.int32)}
+    return loop.global_batch(setup, batch)
+
+
+def run_steps(config, mesh, devices, steps=2, grad_accum=1):
+    config.mesh = mesh
+    setup = loop.make_setup(config, loop.build_model(config), 10, devices=devices)
+    state = loop.init_state(config, setup)
+    step = loop.make_train_step(setup, grad_accum)
+    for index in range(steps):
+        state, _ = step(state, random_batch(setup, seed=index))
+    return setup, jax.device_get(state["trainable"])
+
+
+def test_parameters_are_laid_out_as_the_rules_say():
+    config = tiny_config()
+    config.mesh = dict(fsdp=4, tensor=2)
+    setup = loop.make_setup(config, loop.build_model(config), 10)
+    state = loop.init_state(config, setup)
+    params = tree.flatten(state["trainable"])
+    kernel = params["encoder/layer_0/attn/query/kernel"]  # [embed, heads, head_dim]
+    assert kernel.sharding.spec == P("fsdp", "tensor", None)
+    assert kernel.addressable_shards[0].data.shape == (32 // 4, 4 // 2, 8)
+    wi = params["encoder/layer_0/mlp/wi/kernel"]  # [embed, mlp]
+    assert wi.sharding.spec == P("fsdp", "tensor")
+    assert wi.addressable_shards[0].data.shape == (8, 32)
+    word = params["embeddings/word/embedding"]  # [vocab, embed]
+    assert word.sharding.spec == P("tensor", "fsdp")
+    classifier = params["classifier/kernel"]  # [embed, classes]: 'classes' has no rule
+    assert classifier.sharding.spec == P("fsdp", None)
+    # Adam's moments live where their parameter lives.
+    mu = tree.flatten(state["opt_state"][1].mu)["encoder/layer_0/mlp/wi/kernel"]
+    assert mu.sharding.spec == P("fsdp", "tensor")
+
+
+def test_sharded_step_equals_single_device_step():
+    _, single = run_steps(tiny_config(), dict(data=1), jax.devices()[:1])
+    _, sharded = run_steps(tiny_config(), dict(data=2, fsdp=2, tensor=2), jax.devices())
+    for path, value in tree.flatten(single).items():
+        np.testing.assert_allclose(tree.flatten(sharded)[path], value, atol=2e-5, rtol=2e-5,
+                                   err_msg=path)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    _, whole = run_steps(tiny_config(), dict(data=1), jax.devices()[:1], steps=1)
+    _, accumulated = run_steps(tiny_config(), dict(data=1), jax.devices()[:1], steps=1,
+                               grad_accum=2)
+    for path, value in tree.flatten(whole).items():
+        np.testing.assert_allclose(tree.flatten(accumulated)[path], value, atol=2e-6,
+                                   err_msg=path)
+
+
+def test_frozen_leaves_get_no_gradient_or_optimizer_state():
+    config = tiny_config()
+    config.optim.frozen = ("embeddings/.*", "encoder/.*")
+    config.mesh = dict(data=1)
+    setup = loop.make_setup(config, loop.build_model(config), 10, devices=jax.devices()[:1])
+    state = loop.init_state(config, setup)
+    assert set(tree.flatten(state["trainable"])) == {"pooler/kernel", "pooler/bias",
+                                                     "classifier/kernel", "classifier/bias"}
+    frozen_before = jax.device_get(state["frozen"])
+    step = loop.make_train_step(setup)
+    compiled = step.lower(setup.abstract_state, random_batch(setup)).compile()
+    opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["opt_state"]))
+    trainable_bytes = sum(x.size * 4 for x in jax.tree.leaves(state["trainable"]))
+    assert opt_bytes <= 2 * trainable_bytes + 64  # Adam: two moments of the trainable part only
+    state, _ = compiled(state, random_batch(setup))
+    for path, value in tree.flatten(frozen_before).items():
+        np.testing.assert_array_equal(tree.flatten(jax.device_get(state["frozen"]))[path], value)
+
+
+def test_bf16_compute_runs_with_float32_params():
+    config = tiny_config()
+    config.model.overrides["dtype"] = "bfloat16"
+    setup, params = run_steps(config, dict(data=1), jax.devices()[:1], steps=1)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
+
+
+# --- Whole runs on real data -------------------------------------------------------------------
+
+
+def final_params(workdir):
+    manager = checkpoint.make_manager(workdir)
+    step = manager.latest_step()
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    return step, restored["state"]["trainable"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path, data_dir):
+    def config(steps):
+        c = tiny_config(steps=steps, log_every=1, final_eval_splits=("validation",))
+        c.data.data_dir = data_dir
+        c.checkpoint.every = 2
+        return c
+
+    loop.train(config(4), str(tmp_path / "straight"))
+    loop.train(config(2), str(tmp_path / "resumed"))
+    results = loop.train(config(4), str(tmp_path / "resumed"))  # picks up at step 2
+    assert 0.0 <= results["validation/accuracy"] <= 1.0
+    (step_a, a), (step_b, b) = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
+    assert step_a == step_b == 4
+    for path, value in tree.flatten(a).items():
+        np.testing.assert_array_equal(tree.flatten(b)[path], value, err_msg=path)
+    lines = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+    assert [l["step"] for l in lines if "train/loss" in l] == [1, 2, 3, 4]
+    assert os.listdir(tmp_path / "resumed" / "tensorboard")
+
+
+def test_checkpoint_of_a_different_model_is_a_one_line_error(tmp_path, data_dir):
+    config = tiny_config(steps=2, final_eval_splits=())
+    config.data.data_dir = data_dir
+    loop.train(config, str(tmp_path))
+    config.model.overrides["mlp_dim"] = 48
+    with pytest.raises(ValueError, match=r"'trainable/encoder/layer_0/mlp/wi/bias' has shape "
+                                         r"\(64,\), the model expects \(48,\)"):
+        loop.train(config, str(tmp_path))
+
+
+def cli(*args, **kwargs):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run([sys.executable, "-m", "launch.main", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, **kwargs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.train.stepz=3"], "unknown config key 'train.stepz'; did you mean train.steps?"),
+    (["--config.data.name=imagenet"], "dataset 'imagenet'"),
+    (["--config.model.name=bert_huge_classifier"], "unknown model 'bert_huge_classifier'"),
+    (["--config.model.pretrained=/nonexistent"], "/nonexistent"),
+    (["--config.optim.frozen=('embedings/.*',)"], "frozen rule 'embedings/.*' matches no parameter"),
+])
+def test_cli_user_errors_are_one_line(tmp_path, args, message):
+    result = cli("--config", "configs/minilm_rotten_tomatoes.py:quick", "--workdir",
+                 str(tmp_path), *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+    result = cli("--config", "configs/nope.py", "--workdir", str(tmp_path))
+    assert result.returncode == 2 and "error: config file 'configs/nope.py' does not exist" in result.stderr
+
+
+def test_killed_while_saving_never_leaves_a_half_written_checkpoint(tmp_path, data_dir):
+    """SIGKILL a real run at three points while it checkpoints every step; whatever is left,
+    the newest checkpoint the manager reports loads completely."""
+    rng = np.random.default_rng(0)
+    for attempt in range(3):
+        workdir = tmp_path / f"run{attempt}"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "launch.main", "--config", "configs/minilm_rotten_tomatoes.py:quick",
+             "--workdir", str(workdir), "--config.model.name=bert_tiny_classifier",
+             "--config.model.pretrained=", "--config.model.overrides={'num_classes': 2, "
+             "'hidden_size': 32, 'num_heads': 4, 'mlp_dim': 64, 'num_layers': 2}",
+             "--config.train.steps=1000", "--config.checkpoint.every=1",
+             f"--config.data.data_dir={data_dir}"],
+            cwd=ROOT, env=dict(os.environ, XLA_FLAGS=""), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        checkpoints = workdir / "checkpoints"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (checkpoints.exists() and any(
+                name.isdigit() for name in os.listdir(checkpoints))):
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        step, params = final_params(workdir)
+        assert step >= 1 and tree.count(params) > 0
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
