@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -82,18 +82,14 @@ def test_parameters_are_laid_out_as_the_rules_say():
 def test_sharded_step_equals_single_device_step():
     _, single = run_steps(tiny_config(), dict(data=1), jax.devices()[:1])
     _, sharded = run_steps(tiny_config(), dict(data=2, fsdp=2, tensor=2), jax.devices())
-    for path, value in tree.flatten(single).items():
-        np.testing.assert_allclose(tree.flatten(sharded)[path], value, atol=2e-5, rtol=2e-5,
-                                   err_msg=path)
+    chex.assert_trees_all_close(sharded, single, atol=2e-5, rtol=2e-5)
 
 
 def test_gradient_accumulation_equals_one_big_batch():
     _, whole = run_steps(tiny_config(), dict(data=1), jax.devices()[:1], steps=1)
     _, accumulated = run_steps(tiny_config(), dict(data=1), jax.devices()[:1], steps=1,
                                grad_accum=2)
-    for path, value in tree.flatten(whole).items():
-        np.testing.assert_allclose(tree.flatten(accumulated)[path], value, atol=2e-6,
-                                   err_msg=path)
+    chex.assert_trees_all_close(accumulated, whole, atol=2e-6)
 
 
 def test_frozen_leaves_get_no_gradient_or_optimizer_state():
@@ -111,8 +107,7 @@ def test_frozen_leaves_get_no_gradient_or_optimizer_state():
     trainable_bytes = sum(x.size * 4 for x in jax.tree.leaves(state["trainable"]))
     assert opt_bytes <= 2 * trainable_bytes + 64  # Adam: two moments of the trainable part only
     state, _ = compiled(state, random_batch(setup))
-    for path, value in tree.flatten(frozen_before).items():
-        np.testing.assert_array_equal(tree.flatten(jax.device_get(state["frozen"]))[path], value)
+    chex.assert_trees_all_equal(jax.device_get(state["frozen"]), frozen_before)
 
 
 def test_bf16_compute_runs_with_float32_params():
@@ -151,8 +146,7 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, data_dir):
     assert 0.0 <= results["validation/accuracy"] <= 1.0
     (step_a, a), (step_b, b) = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
     assert step_a == step_b == 4
-    for path, value in tree.flatten(a).items():
-        np.testing.assert_array_equal(tree.flatten(b)[path], value, err_msg=path)
+    chex.assert_trees_all_equal(a, b)
     lines = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
     assert [l["step"] for l in lines if "train/loss" in l] == [1, 2, 3, 4]
     assert os.listdir(tmp_path / "resumed" / "tensorboard")

@@ -182,7 +182,7 @@ def make_train_step(setup: Setup, grad_accum: int = 1):
         updates, opt_state = setup.tx.update(grads, state["opt_state"], state["trainable"])
         new_state = {**state, "step": state["step"] + 1, "opt_state": opt_state,
                      "trainable": optax.apply_updates(state["trainable"], updates)}
-        return new_state, {**sums, "grad_norm": optax.global_norm(grads)}
+        return new_state, {**sums, "grad_norm": optax.tree.norm(grads)}
 
     with_rules = _under_rules(setup, step)
     return jax.jit(with_rules, in_shardings=(setup.state_shardings, _batch_sharding(setup)),
@@ -306,8 +306,8 @@ def train(config, workdir: str) -> dict:
         window_steps += 1
         done = step + 1
         if done % log_every == 0 or done == total_steps:
+            metrics = {f"train/{k}": v for k, v in tasks.means(window).items()}  # waits for the step
             seconds = time.perf_counter() - window_start
-            metrics = {f"train/{k}": v for k, v in tasks.means(window).items()}
             metrics["train/grad_norm"] = float(window["grad_norm"]) / window_steps
             metrics["train/steps_per_s"] = window_steps / max(seconds, 1e-9)
             progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
