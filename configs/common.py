@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.data = dict(name="", data_dir="", options={})
     config.model = dict(name="", overrides={}, pretrained="")
+    config.method = dict(name="full")  # research/methods.py lists the methods
     config.train = dict(batch_size=32, eval_batch_size=64, steps=100, grad_accum=1,
                         log_every=10, eval_every=0, final_eval_splits=("validation", "test"))
     config.optim = dict(name="adamw", learning_rate=1e-4, schedule="linear", warmup_steps=0,

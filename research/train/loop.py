@@ -21,6 +21,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from research import data as data_lib
+from research import methods
 from research import models
 from research import tree as tree_lib
 from research.models import hf
@@ -54,6 +55,7 @@ def abstract_params(model) -> tuple[dict, dict]:
 class Setup:
     """Everything static about a run, computed from config and abstract shapes only."""
     model: Any
+    method: methods.Method
     mesh: jax.sharding.Mesh
     rules: tuple
     trainable: dict           # bool tree over all params
@@ -72,7 +74,7 @@ def _opt_state_shardings(opt_shapes, param_shapes, param_shardings, mesh):
     def one(key_path, leaf):
         path = checkpoint.key_path_name(key_path)
         for (param_path, param), param_sharding in mirrors:
-            if path.endswith(param_path) and leaf.shape == param.shape:
+            if path.endswith("/" + param_path) and leaf.shape == param.shape:
                 return param_sharding
         return replicated
     return jax.tree_util.tree_map_with_path(one, opt_shapes)
@@ -80,11 +82,16 @@ def _opt_state_shardings(opt_shapes, param_shapes, param_shardings, mesh):
 
 def make_setup(config, model, total_steps: int, devices=None) -> Setup:
     """Everything static about the run, from shapes alone (``devices`` default: all)."""
-    shapes, logical = abstract_params(model)
+    method = methods.build(config.get("method"))
+    model_shapes, model_logical = abstract_params(model)
+    shapes = jax.eval_shape(method.init, jax.random.key(0), model_shapes)
+    logical = method.logical_axes(model_logical, shapes)
     rules = tuple(tuple(rule) for rule in config.sharding.rules)
     mesh = sharding.make_mesh(dict(config.mesh), devices)
-    trainable = optim.trainable_mask(shapes, config.optim.get("frozen", ()),
-                                     config.optim.get("trainable", None))
+    trainable_patterns = config.optim.get("trainable", None)
+    trainable = optim.trainable_mask(
+        shapes, config.optim.get("frozen", ()),
+        method.trainable if trainable_patterns is None else trainable_patterns)
     train_shapes, frozen_shapes = tree_lib.split(shapes, trainable)
     tx = optim.make_optimizer(config.optim, train_shapes, total_steps)
 
@@ -105,27 +112,32 @@ def make_setup(config, model, total_steps: int, devices=None) -> Setup:
     abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         state_shapes, state_shardings)
-    return Setup(model, mesh, rules, trainable, tx, param_shardings, state_shardings,
+    return Setup(model, method, mesh, rules, trainable, tx, param_shardings, state_shardings,
                  abstract_state)
 
 
 def init_params(config, setup: Setup, rng) -> dict:
     """Params created directly on their shardings: random init inside a jit with
-    ``out_shardings``, then pretrained leaves (if ``config.model.pretrained``) placed shard by
-    shard from the safetensors file. Heads the checkpoint lacks keep their random init."""
-    params = jax.jit(setup.model.init, out_shardings=setup.param_shardings)(rng)
+    ``out_shardings``; pretrained leaves (if ``config.model.pretrained``) placed shard by shard
+    from the safetensors file (heads the checkpoint lacks keep their random init); then the
+    method's own leaves, which may depend on the pretrained weights (PiSSA, CorDA...)."""
+    model_rng, method_rng = jax.random.split(rng)
+    all_shardings = tree_lib.flatten(setup.param_shardings)
+    model_shardings = tree_lib.unflatten(
+        {path: all_shardings[path] for path in tree_lib.flatten(setup.model.param_shapes())})
+    params = jax.jit(setup.model.init, out_shardings=model_shardings)(model_rng)
     pretrained = config.model.get("pretrained")
-    if not pretrained:
-        return params
-    loaded_model, loaded = hf.load_pretrained(pretrained, model=setup.model)
-    flat_params, flat_shardings = tree_lib.flatten(params), tree_lib.flatten(setup.param_shardings)
-    for path, value in tree_lib.flatten(loaded).items():
-        if path in loaded_model.newly_initialized:
-            continue
-        value = np.asarray(value)
-        flat_params[path] = jax.make_array_from_callback(
-            value.shape, flat_shardings[path], lambda index, v=value: v[index])
-    return tree_lib.unflatten(flat_params)
+    if pretrained:
+        loaded_model, loaded = hf.load_pretrained(pretrained, model=setup.model)
+        flat_params, flat_shardings = tree_lib.flatten(params), tree_lib.flatten(model_shardings)
+        for path, value in tree_lib.flatten(loaded).items():
+            if path in loaded_model.newly_initialized:
+                continue
+            value = np.asarray(value)
+            flat_params[path] = jax.make_array_from_callback(
+                value.shape, flat_shardings[path], lambda index, v=value: v[index])
+        params = tree_lib.unflatten(flat_params)
+    return jax.jit(setup.method.init, out_shardings=setup.param_shardings)(method_rng, params)
 
 
 def init_state(config, setup: Setup) -> dict:
@@ -147,8 +159,8 @@ def init_state(config, setup: Setup) -> dict:
 def _forward_sums(setup: Setup, trainable, frozen, batch, rng, *, training: bool):
     model = setup.model
     inputs, targets = tasks.model_inputs(model, batch, rng, training=training)
-    logits = model.module.apply({"params": tree_lib.combine(trainable, frozen)}, **inputs,
-                                deterministic=not training, rngs={"dropout": rng})
+    logits = setup.method.apply(model.module, {"params": tree_lib.combine(trainable, frozen)},
+                                **inputs, deterministic=not training, rngs={"dropout": rng})
     return tasks.loss_sums(model, logits, targets)
 
 
@@ -284,10 +296,10 @@ def train(config, workdir: str) -> dict:
     if restored is None:
         state = init_state(config, setup)
     else:
-        start, state, data_state = restored
+        restored_step, state, data_state = restored
         if data_state is not None:
             train_iter.set_state(json.dumps(data_state).encode())
-        print(f"resumed from {workdir} at step {start}")
+        print(f"resumed from {workdir} at step {restored_step}")
 
     # --- Steps ------------------------------------------------------------------------------
     train_step = make_train_step(setup, int(config.train.get("grad_accum", 1)))
@@ -314,7 +326,9 @@ def train(config, workdir: str) -> dict:
             writer.write(done, metrics)
             window, window_steps, window_start = None, 0, time.perf_counter()
         if eval_every and done % eval_every == 0 and done != total_steps:
+            eval_start = time.perf_counter()
             writer.write(done, evaluate(config, setup, eval_step, state, "validation"))
+            window_start += time.perf_counter() - eval_start  # steps/s counts training only
         checkpoint.save(manager, done, state, json.loads(train_iter.get_state()),
                         force=done == total_steps)
 

@@ -1,0 +1,51 @@
+"""The one seam through which a method enters a training run.
+
+A method may (1) add leaves of its own beside the model's (LoRA factors beside kernels, a mask,
+a prompt), with logical axes for sharding; (2) name the leaves that train by default; and
+(3) wrap ``module.apply`` to use its leaves at named sites of the blocks (Flax method
+interception), so model code never knows about it. Plain fine-tuning does none of this.
+``config.method.name`` picks the method; the rest of ``config.method`` are its options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+# name -> "module:factory"; a new method adds its file and one line here, never a loop change.
+REGISTRY = {
+    "full": "research.methods:Method",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Full fine-tuning: no extra leaves, everything trains, plain apply."""
+
+    trainable: tuple[str, ...] | None = None  # path regexes; None: every leaf
+
+    def init(self, rng, params: dict) -> dict:
+        """Params with the method's own leaves added (pure: runs under ``jax.jit``)."""
+        del rng
+        return params
+
+    def logical_axes(self, logical: dict, shapes: dict) -> dict:
+        """Logical axes for every leaf of ``shapes`` (the model's plus the method's)."""
+        del shapes
+        return logical
+
+    def apply(self, module, variables, *args, **kwargs):
+        return module.apply(variables, *args, **kwargs)
+
+
+def build(config) -> Method:
+    """The method ``config.name`` with the other keys of ``config`` as options."""
+    options = dict(config or {})
+    name = options.pop("name", "full")
+    if name not in REGISTRY:
+        raise ValueError(f"config.method.name={name!r} is not one of {sorted(REGISTRY)}")
+    module_name, factory = REGISTRY[name].split(":")
+    try:
+        return getattr(importlib.import_module(module_name), factory)(**options)
+    except TypeError as err:
+        raise ValueError(f"config.method for {name!r}: {err}") from None
