@@ -95,7 +95,3 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
     mesh_axes = next((axes for name, axes in rules if re.fullmatch(name, "batch")), None)
     return NamedSharding(mesh, PartitionSpec(mesh_axes))
 
-
-def flax_rules(rules) -> tuple:
-    """The rule list in the form ``flax.linen.logical_axis_rules`` takes for activations."""
-    return tuple((name, mesh_axes) for name, mesh_axes in rules)
