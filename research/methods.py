@@ -15,6 +15,7 @@ import importlib
 # name -> "module:factory"; a new method adds its file and one line here, never a loop change.
 REGISTRY = {
     "full": "research.methods:Method",
+    "lora": "research.lowrank.lora:LoRA",
 }
 
 
