@@ -43,8 +43,9 @@ def matmul_rate(size: int = 2048):
     return (lambda: matmul(a, b)), 2 * size**3
 
 
-def minilm_setup(mesh: dict, steps: int = 10):
-    """A MiniLM-size full fine-tuning run (random weights: same shapes and FLOPs)."""
+def minilm_setup(mesh: dict, steps: int = 10, method: dict | None = None, devices=None):
+    """A MiniLM-size run (random weights: same shapes and FLOPs), full fine-tuning unless a
+    ``method`` config is given."""
     from configs import common
     from research.train import loop
 
@@ -55,8 +56,11 @@ def minilm_setup(mesh: dict, steps: int = 10):
     config.train.batch_size = MINILM_BATCH
     config.train.steps = steps
     config.mesh = mesh
+    if method is not None:
+        config.method = method
+        config.optim.learning_rate = 5e-4
     model = loop.build_model(config)
-    return config, loop.make_setup(config, model, steps)
+    return config, loop.make_setup(config, model, steps, devices=devices)
 
 
 def minilm_batch(setup):
@@ -137,7 +141,12 @@ def bench_train_step() -> None:
     print(f"step_flops_per_s_over_matmul_peak={flops / step_seconds / peak:.3f}")
 
 
-BENCHMARKS = {"train_step": bench_train_step}
+def bench_lora() -> None:
+    from launch.bench_lora import bench_lora as run
+    run()
+
+
+BENCHMARKS = {"train_step": bench_train_step, "lora": bench_lora}
 
 
 def main(argv=None) -> int:

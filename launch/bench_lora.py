@@ -1,4 +1,4 @@
-"""LoRA benchmark (``python -m launch.bench lora`` once registered in ``launch/bench.py``).
+"""LoRA benchmark: ``python -m launch.bench lora``.
 
 MiniLM shapes (batch 32 x 64 tokens), rank 8 on every encoder kernel (query, key, value, out,
 wi, wo), classifier and pooler trained whole, AdamW. Deterministic figures from XLA: step FLOPs
@@ -11,34 +11,12 @@ the last is the headline ``scion_over_peft_tokens_per_s``.
 
 from __future__ import annotations
 
-import time
-
 RANK, ALPHA = 8, 16.0
 LORA_METHOD = dict(name="lora", targets=((r"encoder/.*/kernel", RANK),), alpha=ALPHA,
                    also_train=(r"classifier/.*", r"pooler/.*"))
 # The same modules in transformers' names: every Linear of every encoder layer.
 PEFT_TARGETS = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)"
                 r"|attention\.output\.dense|intermediate\.dense|output\.dense)")
-
-
-def _minilm_setup(method: dict, steps: int = 100):
-    import jax
-
-    from configs import common
-    from launch.bench import MINILM_BATCH
-    from research.train import loop
-
-    config = common.base_config()
-    config.data.name = "rotten_tomatoes/sentiment"
-    config.model.name = "minilm_l6_classifier"
-    config.model.overrides = dict(num_classes=2)
-    config.train.batch_size = MINILM_BATCH
-    config.train.steps = steps
-    config.optim.learning_rate = 5e-4
-    config.mesh = {"data": 1}
-    config.method = method
-    model = loop.build_model(config)
-    return config, loop.make_setup(config, model, steps, devices=jax.devices()[:1])
 
 
 def _figures(compiled) -> tuple[float, int]:
@@ -80,31 +58,21 @@ def _peft_step(batch: dict):
     return step, sum(p.numel() for p in trainable)
 
 
-def _best(fn, repeats: int) -> float:
-    import jax
-
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def bench_lora(rounds: int = 5) -> None:
     import jax
     import numpy as np
 
-    from launch.bench import MINILM_BATCH, MINILM_LENGTH, minilm_batch
+    from launch.bench import (MINILM_BATCH, MINILM_LENGTH, _best_seconds, minilm_batch,
+                              minilm_setup)
     from research import tree
     from research.train import loop
 
     # --- Deterministic: FLOPs and bytes of the compiled steps -------------------------------
-    _, full = _minilm_setup(dict(name="full"))
+    _, full = minilm_setup({"data": 1}, 100, dict(name="full"), jax.devices()[:1])
     full_flops, full_bytes = _figures(loop.make_train_step(full).lower(
         full.abstract_state, minilm_batch(full)).compile())
 
-    config, setup = _minilm_setup(LORA_METHOD)
+    config, setup = minilm_setup({"data": 1}, 100, LORA_METHOD, jax.devices()[:1])
     holder = {"state": loop.init_state(config, setup)}
     batch = minilm_batch(setup)
     compiled = loop.make_train_step(setup).lower(holder["state"], batch).compile()
@@ -120,8 +88,8 @@ def bench_lora(rounds: int = 5) -> None:
     scion_step(), peft_step()  # warm up both
     scion_seconds = peft_seconds = float("inf")
     for _ in range(rounds):
-        scion_seconds = min(scion_seconds, _best(scion_step, 2))
-        peft_seconds = min(peft_seconds, _best(peft_step, 2))
+        scion_seconds = min(scion_seconds, _best_seconds(scion_step, 2))
+        peft_seconds = min(peft_seconds, _best_seconds(peft_step, 2))
     tokens = MINILM_BATCH * MINILM_LENGTH
 
     print(f"backend={jax.default_backend()}")
@@ -140,6 +108,3 @@ def bench_lora(rounds: int = 5) -> None:
     print(f"peft_lora_tokens_per_s={tokens / peft_seconds:.0f}")
     print(f"scion_over_peft_tokens_per_s={peft_seconds / scion_seconds:.3f}")
 
-
-if __name__ == "__main__":
-    bench_lora()
