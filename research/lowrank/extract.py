@@ -20,16 +20,14 @@ import numpy as np
 
 from research import tree
 from research.lowrank.init import _mm, as_matrix, split_shape, to_factors
-
-A, B = "lora_a", "lora_b"
-TARGET_LEAVES = ("kernel", "embedding")
+from research.lowrank.lora import A, B, DEFAULT_INPUT_AXES, TARGET_LEAVES
 
 
 def default_input_axes(path: str, shape) -> int:
-    """Leading input axes of a kernel: the attention output ``[heads, head_dim, embed]`` has
-    two, everything else (Dense, query/key/value, embeddings) one."""
+    """Leading input axes of a kernel, by the same rules LoRA uses (the attention output
+    ``[heads, head_dim, embed]`` has two; Dense, query/key/value and embeddings one)."""
     del shape
-    return 2 if path == "attn/out/kernel" or path.endswith("/attn/out/kernel") else 1
+    return tree.resolve_rules(DEFAULT_INPUT_AXES, [path], default=1, require_match=False)[path]
 
 
 def _factor_paths(path: str) -> tuple[str, str]:
