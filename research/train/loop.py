@@ -329,8 +329,9 @@ def train(config, workdir: str) -> dict:
             eval_start = time.perf_counter()
             writer.write(done, evaluate(config, setup, eval_step, state, "validation"))
             window_start += time.perf_counter() - eval_start  # steps/s counts training only
-        checkpoint.save(manager, done, state, json.loads(train_iter.get_state()),
-                        force=done == total_steps)
+        if done == total_steps or manager.should_save(done):  # iterator state only when saved
+            checkpoint.save(manager, done, state, json.loads(train_iter.get_state()),
+                            force=done == total_steps)
 
     # --- Final evaluation -------------------------------------------------------------------
     manager.wait_until_finished()
