@@ -1,9 +1,11 @@
 """The one seam through which a method enters a training run.
 
 A method may (1) add leaves of its own beside the model's (LoRA factors beside kernels, a mask,
-a prompt), with logical axes for sharding; (2) name the leaves that train by default; and
-(3) wrap ``module.apply`` to use its leaves at named sites of the blocks (Flax method
-interception), so model code never knows about it. Plain fine-tuning does none of this.
+a prompt), with logical axes for sharding, optionally from statistics of a few training batches
+(CorDA's input covariances); (2) name the leaves that train by default; (3) wrap
+``module.apply`` to use its leaves at named sites of the blocks (Flax method interception), so
+model code never knows about it; and (4) add terms to the training loss (a regulariser, a
+distillation loss). Plain fine-tuning does none of this.
 ``config.method.name`` picks the method; the rest of ``config.method`` are its options.
 """
 
@@ -24,10 +26,19 @@ class Method:
     """Full fine-tuning: no extra leaves, everything trains, plain apply."""
 
     trainable: tuple[str, ...] | None = None  # path regexes; None: every leaf
+    calibration_batches: int = 0  # training batches ``calibrate`` reads before ``init``
 
-    def init(self, rng, params: dict) -> dict:
-        """Params with the method's own leaves added (pure: runs under ``jax.jit``)."""
-        del rng
+    def calibrate(self, module, params: dict, batches: dict):
+        """Statistics for ``init`` from ``batches``: model inputs stacked on a leading axis of
+        ``calibration_batches``. Pure (runs under ``jax.jit``, and under ``jax.eval_shape``
+        with dummy inputs when only shapes are needed)."""
+        del module, params, batches
+        return None
+
+    def init(self, rng, params: dict, stats=None) -> dict:
+        """Params with the method's own leaves added (pure: runs under ``jax.jit``); ``stats``
+        is what ``calibrate`` returned."""
+        del rng, stats
         return params
 
     def logical_axes(self, logical: dict, shapes: dict) -> dict:
@@ -37,6 +48,11 @@ class Method:
 
     def apply(self, module, variables, *args, **kwargs):
         return module.apply(variables, *args, **kwargs)
+
+    def apply_with_losses(self, module, variables, *args, **kwargs):
+        """``(outputs, {name: scalar})`` for a training step: the loop adds each scalar (already
+        weighted, a mean over the batch) to the task's mean loss and logs it as ``train/name``."""
+        return self.apply(module, variables, *args, **kwargs), {}
 
 
 def build(config) -> Method:

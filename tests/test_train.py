@@ -2,6 +2,7 @@
 the single-device step, accumulation equals one big batch, frozen leaves carry no state, and
 runs resume from orbax checkpoints exactly."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -11,13 +12,14 @@ import time
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import common
-from research import tree
+from research import methods, tree
 from research.train import checkpoint, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,3 +217,42 @@ def test_killed_while_saving_never_leaves_a_half_written_checkpoint(tmp_path, da
         step, params = final_params(workdir)
         assert step >= 1 and tree.count(params) > 0
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibratedPenalty(methods.Method):
+    """A toy method using both extension points of the seam: its leaf starts at the mean token
+    id of the first two training batches, and a penalty ``0.5·offset²`` is its loss term."""
+    calibration_batches: int = 2
+
+    def calibrate(self, module, params, batches):
+        return jnp.mean(batches["input_ids"].astype(jnp.float32))
+
+    def init(self, rng, params, stats=None):
+        return {**params, "offset": jnp.full((), stats, jnp.float32)}
+
+    def logical_axes(self, logical, shapes):
+        return {**logical, "offset": ()}
+
+    def apply_with_losses(self, module, variables, *args, **kwargs):
+        return self.apply(module, variables, *args, **kwargs), {
+            "penalty": 0.5 * variables["params"]["offset"] ** 2}
+
+
+def test_a_method_can_calibrate_on_training_batches_and_add_a_loss_term(monkeypatch, data_dir):
+    monkeypatch.setitem(methods.REGISTRY, "calibrated_penalty", f"{__name__}:CalibratedPenalty")
+    config = tiny_config(steps=1)
+    config.data.data_dir = data_dir
+    config.method = dict(name="calibrated_penalty", trainable=("offset",))
+    config.optim.update(name="sgd", momentum=0.0, learning_rate=0.1, grad_clip_norm=0.0)
+    setup = loop.make_setup(config, loop.build_model(config), 1)
+    state = loop.init_state(config, setup)
+
+    loader = iter(loop.make_loader(config, "train", training=True, batch_size=8))
+    expected = np.mean([next(loader)["input_ids"] for _ in range(2)])
+    np.testing.assert_allclose(state["trainable"]["offset"], expected, rtol=1e-4)
+
+    new_state, sums = loop.make_train_step(setup)(state, random_batch(setup))
+    # The penalty's gradient is the offset itself: SGD moves it by lr·offset.
+    np.testing.assert_allclose(new_state["trainable"]["offset"], 0.9 * expected, rtol=1e-4)
+    np.testing.assert_allclose(sums["penalty"] / sums["count"], 0.5 * expected ** 2, rtol=1e-4)

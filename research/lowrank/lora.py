@@ -209,8 +209,9 @@ class LoRA(Method):
 
     # --- the Method interface --------------------------------------------------------------
 
-    def init(self, rng, params: dict) -> dict:
+    def init(self, rng, params: dict, stats=None) -> dict:
         """``params`` with factors beside every target (factors already present are kept)."""
+        del stats
         flat = dict(tree.flatten(params))
         for index, target in enumerate(self.plan(params).values()):
             kernel, r, n_in = flat[target.path], target.rank, target.input_axes

@@ -9,6 +9,7 @@ params created directly on their devices -> one jitted, donated update step -> o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from typing import Any
@@ -84,7 +85,10 @@ def make_setup(config, model, total_steps: int, devices=None) -> Setup:
     """Everything static about the run, from shapes alone (``devices`` default: all)."""
     method = methods.build(config.get("method"))
     model_shapes, model_logical = abstract_params(model)
-    shapes = jax.eval_shape(method.init, jax.random.key(0), model_shapes)
+    stats_shapes = jax.eval_shape(
+        functools.partial(method.calibrate, model.module), model_shapes,
+        _stack([model.dummy_inputs(1)] * max(method.calibration_batches, 1)))
+    shapes = jax.eval_shape(method.init, jax.random.key(0), model_shapes, stats_shapes)
     logical = method.logical_axes(model_logical, shapes)
     rules = tuple(tuple(rule) for rule in config.sharding.rules)
     mesh = sharding.make_mesh(dict(config.mesh), devices)
@@ -137,7 +141,30 @@ def init_params(config, setup: Setup, rng) -> dict:
             flat_params[path] = jax.make_array_from_callback(
                 value.shape, flat_shardings[path], lambda index, v=value: v[index])
         params = tree_lib.unflatten(flat_params)
-    return jax.jit(setup.method.init, out_shardings=setup.param_shardings)(method_rng, params)
+    stats = calibration_stats(config, setup, params)
+    return jax.jit(setup.method.init, out_shardings=setup.param_shardings)(
+        method_rng, params, stats)
+
+
+def _stack(batches: list[dict]) -> dict:
+    return {k: jnp.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def calibration_stats(config, setup: Setup, params):
+    """What the method's ``calibrate`` makes of its first ``calibration_batches`` training
+    batches (model inputs only), or None when it reads none. A loader of its own, so the
+    training stream is untouched."""
+    count = setup.method.calibration_batches
+    if not count:
+        return None
+    batches = iter(make_loader(config, "train", training=True,
+                               batch_size=config.train.batch_size))
+    names = setup.model.module.input_names
+    inputs = [global_batch(setup, {k: v for k, v in next(batches).items() if k in names})
+              for _ in range(count)]
+    calibrate = jax.jit(_under_rules(setup, lambda p, b: setup.method.calibrate(
+        setup.model.module, p, _stack(b))))
+    return calibrate(params, inputs)
 
 
 def init_state(config, setup: Setup) -> dict:
@@ -157,11 +184,17 @@ def init_state(config, setup: Setup) -> dict:
 
 
 def _forward_sums(setup: Setup, trainable, frozen, batch, rng, *, training: bool):
+    """Summed task metrics, and the method's extra loss terms (training only)."""
     model = setup.model
     inputs, targets = tasks.model_inputs(model, batch, rng, training=training)
-    logits = setup.method.apply(model.module, {"params": tree_lib.combine(trainable, frozen)},
-                                **inputs, deterministic=not training, rngs={"dropout": rng})
-    return tasks.loss_sums(model, logits, targets)
+    variables = {"params": tree_lib.combine(trainable, frozen)}
+    options = dict(deterministic=not training, rngs={"dropout": rng})
+    if training:
+        logits, terms = setup.method.apply_with_losses(model.module, variables, **inputs,
+                                                       **options)
+    else:
+        logits, terms = setup.method.apply(model.module, variables, **inputs, **options), {}
+    return tasks.loss_sums(model, logits, targets), terms
 
 
 def make_train_step(setup: Setup, grad_accum: int = 1):
@@ -170,8 +203,11 @@ def make_train_step(setup: Setup, grad_accum: int = 1):
     gradients are summed in a scan."""
 
     def loss_fn(trainable, frozen, batch, rng):
-        sums = _forward_sums(setup, trainable, frozen, batch, rng, training=True)
-        return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
+        sums, terms = _forward_sums(setup, trainable, frozen, batch, rng, training=True)
+        count = jnp.maximum(sums["count"], 1.0)
+        # Terms are batch means; logged as sums like the task loss so ``means`` divides once.
+        sums = {**sums, **{name: value * count for name, value in terms.items()}}
+        return sums["loss"] / count + sum(terms.values()), sums
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -187,8 +223,10 @@ def make_train_step(setup: Setup, grad_accum: int = 1):
                 (_, sums), grads = grad_fn(state["trainable"], state["frozen"], micro_batch,
                                            jax.random.fold_in(rng, index))
                 return jax.tree.map(jnp.add, carry, (grads, sums)), None
-            zeros = jax.tree.map(jnp.zeros_like, (state["trainable"], {
-                "loss": 0.0, "correct": 0.0, "count": 0.0}))
+            sums_shape = jax.eval_shape(grad_fn, state["trainable"], state["frozen"],
+                                        jax.tree.map(lambda x: x[0], micro), rng)[0][1]
+            zeros = jax.tree.map(jnp.zeros_like, state["trainable"]), jax.tree.map(
+                lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
             (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
             grads = jax.tree.map(lambda g: g / grad_accum, grads)
         updates, opt_state = setup.tx.update(grads, state["opt_state"], state["trainable"])
@@ -204,7 +242,7 @@ def make_train_step(setup: Setup, grad_accum: int = 1):
 def make_eval_step(setup: Setup):
     def step(state, batch):
         return _forward_sums(setup, state["trainable"], state["frozen"], batch,
-                             jax.random.key(0), training=False)
+                             jax.random.key(0), training=False)[0]
     return jax.jit(_under_rules(setup, step),
                    in_shardings=(setup.state_shardings, _batch_sharding(setup)))
 

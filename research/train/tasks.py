@@ -66,6 +66,10 @@ def loss_sums(model, logits, targets) -> dict:
 
 
 def means(sums: dict) -> dict:
-    """Turn summed metrics into means (``accuracy`` from ``correct``)."""
+    """Turn summed metrics into means (``accuracy`` from ``correct``; a method's loss terms,
+    summed the same way, keep their names)."""
     count = max(float(sums["count"]), 1.0)
-    return {"loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count}
+    terms = {k: float(v) / count for k, v in sums.items()
+             if k not in ("loss", "correct", "count", "grad_norm")}
+    return {"loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count,
+            **terms}
