@@ -18,6 +18,11 @@ import importlib
 REGISTRY = {
     "full": "research.methods:Method",
     "lora": "research.lowrank.lora:LoRA",
+    "dora": "research.lowrank.dora:DoRA",
+    "pela": "research.lowrank.pela:PELA",
+    "pego": "research.lowrank.pego:PEGO",
+    "dept": "research.lowrank.dept:DePT",
+    "multi_lora": "research.lowrank.adapters:MultiLoRA",
 }
 
 

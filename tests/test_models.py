@@ -159,3 +159,20 @@ def test_unknown_names_are_one_line_errors(name, overrides, bad):
         models.build(name, **overrides)
     assert "\n" not in str(error.value)
     assert "valid:" in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["bert_tiny_encoder", "llama_tiny_lm"])
+def test_last_block_on_the_first_rows_only_matches_the_full_stack(tiny, name):
+    """A [CLS] classifier runs its last block on one row; that row is exactly what the full
+    stack computes there (post-LN BERT with padding, pre-LN causal Llama with rotary)."""
+    from research.models.layers import Stack
+    model, params, _ = tiny[name]
+    stack_params = params["encoder" if "bert" in name else "decoder"]
+    stack = Stack(model.config, final_norm="llama" in name)
+    x = jax.random.normal(jax.random.key(1), (2, 8, model.config.hidden_size))
+    mask = np.ones((2, 8), np.int32)
+    mask[1, 5:] = 0
+    full = stack.apply({"params": stack_params}, x, mask, True)
+    first = stack.apply({"params": stack_params}, x, mask, True, last_rows=2)
+    assert first.shape == (2, 2, model.config.hidden_size)
+    np.testing.assert_allclose(first, full[:, :2], atol=1e-5)

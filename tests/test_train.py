@@ -256,3 +256,14 @@ def test_a_method_can_calibrate_on_training_batches_and_add_a_loss_term(monkeypa
     # The penalty's gradient is the offset itself: SGD moves it by lr·offset.
     np.testing.assert_allclose(new_state["trainable"]["offset"], 0.9 * expected, rtol=1e-4)
     np.testing.assert_allclose(sums["penalty"] / sums["count"], 0.5 * expected ** 2, rtol=1e-4)
+
+
+def test_step_key_draws_from_the_chosen_generator():
+    key = jax.random.key(3)
+    assert loop.step_key(key, "threefry2x32") is key
+    fast = loop.step_key(key, "unsafe_rbg")
+    assert jax.random.key_data(fast).shape == (4,)
+    assert not np.array_equal(jax.random.key_data(loop.step_key(jax.random.key(4), "unsafe_rbg")),
+                              jax.random.key_data(fast))
+    with pytest.raises(ValueError, match=r"config.train.rng_impl='philox' is not one of"):
+        loop.step_key(key, "philox")

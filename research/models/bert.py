@@ -62,11 +62,12 @@ class BertModel(nn.Module):
         # Square projection: naming its output 'embed' too would claim one mesh axis twice.
         self.pooler = dense(c, c.hidden_size, ("embed", None))
 
-    def encode(self, input_ids, attention_mask, token_type_ids, deterministic: bool):
+    def encode(self, input_ids, attention_mask, token_type_ids, deterministic: bool,
+               last_rows: int | None = None):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids, deterministic)
-        return self.encoder(x, attention_mask, deterministic)
+        return self.encoder(x, attention_mask, deterministic, last_rows)
 
     def pool(self, sequence_output):
         return jnp.tanh(self.pooler(sequence_output[:, 0]))
@@ -87,7 +88,9 @@ class BertForSequenceClassification(BertModel):
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
                  deterministic: bool = True):
-        pooled = self.pool(self.encode(input_ids, attention_mask, token_type_ids, deterministic))
+        # Only [CLS] reaches the pooler, so the last block computes that row alone.
+        pooled = self.pool(self.encode(input_ids, attention_mask, token_type_ids, deterministic,
+                                       last_rows=1))
         logits = self.classifier(self.dropout(pooled, deterministic=deterministic))
         # float32 logits: the loss's log-softmax is where low precision hurts most.
         return constrain(logits.astype(jnp.float32), "batch", "classes")

@@ -206,15 +206,16 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, bias, deterministic: bool):
+    def __call__(self, x, bias, deterministic: bool, rows: int | None = None):
+        """``rows``: compute only the first ``rows`` query positions (all keys still count)."""
         c = self.config
-        batch, length = x.shape[:2]
+        batch, length = x.shape[0], x.shape[1] if rows is None else rows
 
-        def project(name, heads, heads_axis):
+        def project(name, heads, heads_axis, inputs=x):
             return MultiAxisDense(c, ("embed", heads_axis, "head_dim"), (heads, c.head_dim),
-                                  "...e,ehd->...hd", name=name)(x)
+                                  "...e,ehd->...hd", name=name)(inputs)
 
-        query = constrain(project("query", c.num_heads, "heads"),
+        query = constrain(project("query", c.num_heads, "heads", x[:, :length]),
                           "batch", "length", "heads", "head_dim")
         key = constrain(project("key", c.num_kv_heads, "kv_heads"),
                         "batch", "length", "kv_heads", "head_dim")
@@ -228,7 +229,7 @@ class Attention(nn.Module):
         scores = jnp.einsum("bqkgd,bskd->bkgqs", query, key).astype(jnp.float32)
         scores = scores / math.sqrt(c.head_dim)
         if bias is not None:
-            scores = scores + bias[:, :, None]
+            scores = scores + bias[:, :, None, :length]
         # Softmax in float32: bf16 exponentials over long rows lose most of their mass.
         probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
         probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
@@ -268,17 +269,21 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, bias, deterministic: bool):
+    def __call__(self, x, bias, deterministic: bool, rows: int | None = None):
+        """``rows``: return only the first ``rows`` positions, computing nothing else (all
+        positions are still attended to)."""
         c = self.config
         attention, mlp = Attention(c, name="attn"), Mlp(c, name="mlp")
         attn_norm, mlp_norm = Norm(c, name="attn_norm"), Norm(c, name="mlp_norm")
         def drop(y):
             return nn.Dropout(c.hidden_dropout)(y, deterministic=deterministic)
+        kept = x[:, :rows] if rows is not None else x
         if c.pre_norm:
-            x = x + drop(attention(attn_norm(x), bias, deterministic))
+            normed = attn_norm(x)
+            x = kept + drop(attention(normed, bias, deterministic, rows))
             x = x + drop(mlp(mlp_norm(x)))
         else:
-            x = attn_norm(x + drop(attention(x, bias, deterministic)))
+            x = attn_norm(kept + drop(attention(x, bias, deterministic, rows)))
             x = mlp_norm(x + drop(mlp(x)))
         return constrain(x, "batch", "length", "embed")
 
@@ -290,10 +295,14 @@ class Stack(nn.Module):
     final_norm: bool = False
 
     @nn.compact
-    def __call__(self, x, attention_mask, deterministic: bool):
+    def __call__(self, x, attention_mask, deterministic: bool, last_rows: int | None = None):
+        """``last_rows``: the last block computes (and the stack returns) only the first
+        ``last_rows`` positions: a [CLS] classifier needs one, which saves most of that
+        block's work (about 1/7 of a MiniLM step)."""
         c = self.config
         bias = attention_bias(attention_mask, x.shape[1], c.causal)
         x = constrain(x, "batch", "length", "embed")
         for index in range(c.num_layers):
-            x = Block(c, name=f"layer_{index}")(x, bias, deterministic)
+            rows = last_rows if index == c.num_layers - 1 else None
+            x = Block(c, name=f"layer_{index}")(x, bias, deterministic, rows)
         return Norm(c, name="final_norm")(x) if self.final_norm else x

@@ -62,7 +62,8 @@ class ViTForImageClassification(nn.Module):
     def __call__(self, image, deterministic: bool = True):
         c = self.config
         x = ViTEmbeddings(c, name="embeddings")(image, deterministic)
-        x = Stack(c, final_norm=True, name="encoder")(x, None, deterministic)
+        # Only [CLS] reaches the classifier, so the last block computes that row alone.
+        x = Stack(c, final_norm=True, name="encoder")(x, None, deterministic, last_rows=1)
         logits = dense(c, c.num_classes, ("embed", "classes"), name="classifier")(x[:, 0])
         return constrain(logits.astype(jnp.float32), "batch", "classes")
 

@@ -197,10 +197,26 @@ def _forward_sums(setup: Setup, trainable, frozen, batch, rng, *, training: bool
     return tasks.loss_sums(model, logits, targets), terms
 
 
-def make_train_step(setup: Setup, grad_accum: int = 1):
+RNG_IMPLS = ("unsafe_rbg", "rbg", "threefry2x32")
+
+
+def step_key(key, impl: str):
+    """The step's random key (dropout, token masking) in PRNG ``impl``. The state keeps a
+    threefry key; the RBG generators draw bits with XLA's RngBitGenerator, which on CPU makes
+    dropout about 4x cheaper than threefry (a LoRA step ~15% faster), at the price of bits
+    that depend on the sharding. 'threefry2x32' keeps them sharding-invariant."""
+    if impl not in RNG_IMPLS:
+        raise ValueError(f"config.train.rng_impl={impl!r} is not one of {RNG_IMPLS}")
+    if impl == "threefry2x32":
+        return key
+    # Both RBG generators take four 32-bit words of key data.
+    return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=impl)
+
+
+def make_train_step(setup: Setup, grad_accum: int = 1, rng_impl: str = "unsafe_rbg"):
     """One jitted update step with the state donated. With ``grad_accum > 1`` the batch is cut
     into interleaved micro-batches (so each device keeps its share of every one) and the
-    gradients are summed in a scan."""
+    gradients are summed in a scan. ``rng_impl``: see :func:`step_key`."""
 
     def loss_fn(trainable, frozen, batch, rng):
         sums, terms = _forward_sums(setup, trainable, frozen, batch, rng, training=True)
@@ -212,7 +228,8 @@ def make_train_step(setup: Setup, grad_accum: int = 1):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state, batch):
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        rng = step_key(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]),
+                                          state["step"]), rng_impl)
         if grad_accum == 1:
             (_, sums), grads = grad_fn(state["trainable"], state["frozen"], batch, rng)
         else:
@@ -340,7 +357,8 @@ def train(config, workdir: str) -> dict:
         print(f"resumed from {workdir} at step {restored_step}")
 
     # --- Steps ------------------------------------------------------------------------------
-    train_step = make_train_step(setup, int(config.train.get("grad_accum", 1)))
+    train_step = make_train_step(setup, int(config.train.get("grad_accum", 1)),
+                                 config.train.get("rng_impl", "unsafe_rbg"))
     eval_step = make_eval_step(setup)
     writer = MetricWriter(workdir)
     log_every = int(config.train.get("log_every", 10))
