@@ -146,7 +146,13 @@ def bench_lora() -> None:
     run()
 
 
-BENCHMARKS = {"train_step": bench_train_step, "lora": bench_lora}
+def bench_lora_variants() -> None:
+    from launch.bench_lora import bench_variants
+    bench_variants()
+
+
+BENCHMARKS = {"train_step": bench_train_step, "lora": bench_lora,
+              "lora_variants": bench_lora_variants}
 
 
 def main(argv=None) -> int:

@@ -108,3 +108,61 @@ def bench_lora(rounds: int = 5) -> None:
     print(f"peft_lora_tokens_per_s={tokens / peft_seconds:.0f}")
     print(f"scion_over_peft_tokens_per_s={peft_seconds / scion_seconds:.3f}")
 
+
+
+VARIANTS = {  # row name -> config spec; each runs its experiment's method and optimizer
+    "full": "configs/minilm_rotten_tomatoes.py",
+    "lora_r8": "configs/minilm_lora.py",
+    "dora_r8": "configs/minilm_dora.py",
+    "pissa_r8": "configs/minilm_pissa.py",
+    "corda_r8": "configs/minilm_corda.py",
+    "colora_288": "configs/minilm_colora.py",
+    "pego_k4r2": "configs/minilm_pego.py",
+    "pela_r96": "configs/minilm_pela.py",
+    "dept": "configs/minilm_dept.py",
+}
+
+
+def bench_variants(rounds: int = 3) -> None:
+    """Step time of every low-rank experiment's training step on the MiniLM shapes (random
+    weights: same shapes and FLOPs), compiled once each and timed alternately in this one
+    process, best-of. Prints trainable parameters, step FLOPs, seconds and tokens/s per
+    variant; the last line is the LoRA step's speed over full fine-tuning's."""
+    import jax
+
+    from launch.bench import MINILM_BATCH, MINILM_LENGTH, _best_seconds, minilm_batch
+    from research import tree
+    from research.train import config as config_lib
+    from research.train import loop
+
+    runs = {}
+    for name, spec in VARIANTS.items():
+        config = config_lib.load(spec, ["model.pretrained=", "train.batch_size=32"])
+        setup = loop.make_setup(config, loop.build_model(config), 100,
+                                devices=jax.devices()[:1])
+        state = loop.init_state(config, setup)
+        batch = minilm_batch(setup)
+        compiled = loop.make_train_step(setup).lower(state, batch).compile()
+        holder = {"state": state}
+
+        def step(compiled=compiled, holder=holder, batch=batch):
+            holder["state"] = compiled(holder["state"], batch)[0]
+            return holder["state"]["step"]
+
+        step()
+        runs[name] = (step, tree.count(state["trainable"]), tree.count(
+            tree.combine(state["trainable"], state["frozen"])),
+            float(compiled.cost_analysis()["flops"]))
+    seconds = {name: float("inf") for name in runs}
+    for _ in range(rounds):
+        for name, (step, *_) in runs.items():
+            seconds[name] = min(seconds[name], _best_seconds(step, 2))
+    tokens = MINILM_BATCH * MINILM_LENGTH
+    print(f"backend={jax.default_backend()}")
+    for name, (_, trainable, total, flops) in runs.items():
+        print(f"{name}_trainable_params={trainable}")
+        print(f"{name}_total_params={total}")
+        print(f"{name}_step_gflop={flops / 1e9:.2f}")
+        print(f"{name}_step_seconds={seconds[name]:.4f}")
+        print(f"{name}_tokens_per_s={tokens / seconds[name]:.0f}")
+    print(f"lora_r8_over_full_tokens_per_s={seconds['full'] / seconds['lora_r8']:.3f}")

@@ -1,7 +1,7 @@
 """Count intruder dimensions of fine-tuned runs against their pretrained base.
 
     python -m launch.intruders --config configs/minilm_lora.py --workdir runs/lora_r8 \
-        [--config.key=value ...] [--k 10] [--epsilon 0.5]
+        [--config.key=value ...] [--k 10] [--epsilon 0.5 [0.7 ...]]
 
 Restores the run's newest checkpoint with the same config it trained with, folds any LoRA
 factors into the base (so LoRA and full fine-tuning are compared as plain weight matrices), and
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--epsilon", type=float, default=0.5)
+    parser.add_argument("--epsilon", type=float, nargs="+", default=[0.5])
     own, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     args, overrides = parse_args(rest)
 
@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     try:
         config = config_lib.load(args.config, overrides)
         base, tuned = run_params(config, args.workdir)
-        counts = intruders.count_intruders(base, tuned, KERNELS, k=own.k, epsilon=own.epsilon)
+        counts = intruders.count_intruders(base, tuned, KERNELS, k=own.k,
+                                           epsilon=own.epsilon[0])
     except USER_ERRORS as err:
         print(f"error: {err.args[0] if err.args else repr(err)}", file=sys.stderr)
         return 2
@@ -62,6 +63,12 @@ def main(argv=None) -> int:
         print(f"{path}={count}")
     print(f"matrices={counts['matrices']}")
     print(f"matrices_with_intruders={counts['with_intruders']}")
+    lowest = min(float(sims.min()) for sims in counts["similarities"].values())
+    print(f"lowest_max_similarity={lowest:.3f}")
+    # A vector's highest similarity does not depend on epsilon, so every threshold is a count.
+    for epsilon in own.epsilon[1:]:
+        total = sum(int((sims < epsilon).sum()) for sims in counts["similarities"].values())
+        print(f"total_intruders_epsilon_{epsilon:g}={total}")
     print(f"total_intruders={counts['total']}")
     return 0
 

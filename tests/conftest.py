@@ -1,8 +1,11 @@
-"""Test session setup: 8 fake CPU devices (before JAX starts) and float32 matmuls."""
+"""Test session setup: 8 fake CPU devices (before JAX starts), single-threaded LAPACK and
+float32 matmuls."""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# LAPACK (SVDs) with OpenBLAS threads on a busy 2-core machine runs up to 50x slower.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MPLCONFIGDIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "mpl"))
 
 import jax  # noqa: E402

@@ -197,8 +197,8 @@ def test_bad_input_is_a_one_line_error(tiny):
         LoRA(targets=((r".*/wi/kernel", 40),)).plan(params)
     with pytest.raises(ValueError, match=r"LoRA alpha rule '.*/nothing' matches no parameter"):
         LoRA(targets=TARGETS, alpha_rules=((r".*/nothing", 2.0),)).plan(params)
-    with pytest.raises(ValueError, match="init_a='xavier' is not one of"):
-        LoRA(targets=TARGETS, init_a="xavier")
+    with pytest.raises(ValueError, match="init_weights='xavier' is not one of"):
+        LoRA(targets=TARGETS, init_weights="xavier")
     with pytest.raises(ValueError, match="config.method for 'lora'.*rank_pattern"):
         methods.build(dict(name="lora", targets=TARGETS, rank_pattern={}))
     with pytest.raises(ValueError) as info:
@@ -294,8 +294,8 @@ def test_config_file_builds_a_lora_run():
 
 @pytest.fixture(scope="module")
 def torch_side(tmp_path_factory, tiny):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("peft")
+    import torch
+
     torch.set_num_threads(2)
     model, params = tiny
     base_dir = str(tmp_path_factory.mktemp("peft") / "base")

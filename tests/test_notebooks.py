@@ -8,10 +8,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("name", ["train_step_by_step.ipynb"])
+@pytest.mark.parametrize("name", ["train_step_by_step.ipynb", "lora_quickstart.ipynb"])
 def test_notebook_runs(name, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("SCION_DATA_DIR", str(tmp_path / "data"))
+    # Plots go to a non-interactive backend (plt.show() does nothing) with a throwaway cache.
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "matplotlib"))
     notebook = json.load(open(os.path.join(ROOT, "notebooks", name)))
     namespace = {"__name__": "__main__"}
     for cell in notebook["cells"]:

@@ -13,6 +13,12 @@ its output; it never forms ``W + s·A·B`` in the step, and since the loop diffe
 trainable tree, a frozen kernel gets no weight gradient (XLA drops that matmul: a LoRA step
 costs about 2/3 of a full fine-tuning step's FLOPs).
 
+``init_weights`` picks how the factors start: randomly (``B = 0``, PEFT's default), or from the
+pretrained kernel itself with PiSSA, OLoRA or CorDA (:mod:`research.lowrank.init`), which move
+a part of ``W`` into the factors and leave the residual in the frozen kernel, so the model is
+unchanged at step 0. CorDA orients that split by each target's input covariance, which
+:meth:`LoRA.calibrate` measures on a few training batches.
+
 :func:`merge` folds the update into the base weights, :func:`unmerge` takes it out again and
 :func:`lora_factors` returns the adapter alone; all three are pure functions over trees.
 """
@@ -22,15 +28,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from research import tree
+from research.lowrank import init as init_lib
 from research.methods import Method
 from research.models.layers import MultiAxisDense
 
@@ -40,7 +46,10 @@ TARGET_LEAVES = ("kernel", "embedding")  # the leaves a target rule may select
 # How many leading axes of a kernel are its input. The zoo's attention output kernel is
 # [heads, head_dim, embed]; every other kernel (and embedding table) has one input axis.
 DEFAULT_INPUT_AXES = ((r"(.*/)?attn/out/kernel", 2),)
-INITS = ("kaiming_uniform", "gaussian")
+RANDOM_INITS = ("kaiming_uniform", "gaussian")
+WEIGHT_INITS = ("pissa", "olora", "corda_ipm", "corda_kpm")  # factors taken out of W itself
+INITS = RANDOM_INITS + WEIGHT_INITS
+DEFAULT_CALIBRATION_BATCHES = 8  # CorDA's covariance: 8 batches of training inputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,8 +134,14 @@ class LoRA(Method):
     alpha: the scale numerator (PEFT's ``lora_alpha``, default 8 as there);
         ``alpha_rules`` are ``(regex, alpha)`` rules over the targets (PEFT's ``alpha_pattern``).
     rslora: scale ``alpha / sqrt(r)`` instead of ``alpha / r``.
-    init_a: 'kaiming_uniform' (PEFT's default, U(±1/sqrt(fan_in))) or 'gaussian' (N(0, 1/r));
-        B starts at zero. Embedding tables follow PEFT instead: A = 0, B ~ N(0, 1).
+    init_weights: how the factors start (PEFT's ``init_lora_weights``; ``init`` would shadow
+        the method). Random: 'kaiming_uniform' (PEFT's default, A ~ U(±1/sqrt(fan_in))) or
+        'gaussian' (A ~ N(0, 1/r)), with B = 0; embedding tables follow PEFT instead: A = 0,
+        B ~ N(0, 1). From the weight: 'pissa', 'olora', 'corda_ipm' or 'corda_kpm' (see
+        :mod:`research.lowrank.init`) write ``W - s·A·B`` into the frozen kernel; these adapt
+        kernels only (an embedding target is an error).
+    calibration_batches: training batches whose layer inputs give CorDA its covariances
+        (default 8 for 'corda_*', and only those read any).
     dropout: dropout on the input of the low-rank path while training ('dropout' rng).
     also_train: extra path regexes that train (a classifier head, say); ``trainable``, when
         given, replaces the default (the factors plus ``also_train``).
@@ -137,10 +152,14 @@ class LoRA(Method):
     alpha: float = 8.0
     alpha_rules: tuple = ()
     rslora: bool = False
-    init_a: str = "kaiming_uniform"
+    init_weights: str = "kaiming_uniform"
+    calibration_batches: int | None = None
     dropout: float = 0.0
     also_train: tuple = ()
     input_axes: tuple = DEFAULT_INPUT_AXES
+
+    # Leaves of the adapter itself: what trains by default (DoRA adds its magnitudes).
+    adapter_leaves: ClassVar[tuple] = (FACTOR_PATTERN,)
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -153,14 +172,30 @@ class LoRA(Method):
             if rank is not None and (not isinstance(rank, int) or rank < 0):
                 raise ValueError(f"LoRA target rule {pattern!r}: rank {rank!r} is not a "
                                  f"non-negative integer")
-        if self.init_a not in INITS:
-            raise ValueError(f"LoRA init_a={self.init_a!r} is not one of {INITS}")
+        if self.init_weights not in INITS:
+            raise ValueError(f"LoRA init_weights={self.init_weights!r} is not one of {INITS}")
+        if self.calibration_batches is None:
+            set_(self, "calibration_batches", DEFAULT_CALIBRATION_BATCHES if self.corda else 0)
+        if not isinstance(self.calibration_batches, int) or self.calibration_batches < 0:
+            raise ValueError(f"LoRA calibration_batches={self.calibration_batches!r} is not a "
+                             f"non-negative integer")
+        if self.corda and not self.calibration_batches:
+            raise ValueError(f"LoRA init_weights={self.init_weights!r} needs "
+                             f"calibration_batches >= 1 (its input covariances)")
+        if self.calibration_batches and not self.corda:
+            raise ValueError(f"LoRA calibration_batches={self.calibration_batches} is only read "
+                             f"by init_weights 'corda_ipm' / 'corda_kpm', not "
+                             f"{self.init_weights!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout={self.dropout!r} is not in [0, 1)")
         if self.trainable is None:
-            set_(self, "trainable", (FACTOR_PATTERN, *self.also_train))
+            set_(self, "trainable", (*self.adapter_leaves, *self.also_train))
         else:
             set_(self, "trainable", tuple(self.trainable))
+
+    @property
+    def corda(self) -> bool:
+        return self.init_weights.startswith("corda")
 
     # --- which leaves, which ranks ---------------------------------------------------------
 
@@ -180,6 +215,9 @@ class LoRA(Method):
         plan = {}
         for path in chosen:
             shape, rank = tuple(flat[path].shape), ranks[path]
+            if path.endswith("embedding") and self.init_weights in WEIGHT_INITS:
+                raise ValueError(f"LoRA init_weights={self.init_weights!r} adapts kernels; "
+                                 f"{path} is an embedding table (give it rank 0)")
             n_in = 1 if path.endswith("embedding") else int(inputs[path])
             if not 0 < n_in < len(shape):
                 raise ValueError(f"LoRA target {path} {shape}: {n_in} input axes leave no "
@@ -209,9 +247,45 @@ class LoRA(Method):
 
     # --- the Method interface --------------------------------------------------------------
 
+    def calibrate(self, module, params: dict, batches: dict):
+        """``{target path: input covariance}`` for CorDA (None for other inits): the model runs
+        plainly over each batch (a scan over the leading axis) while an interceptor adds every
+        target's inputs to a running ``xᵀx``. Where a target's inputs have the batch's
+        ``[batch, length]`` sample axes, padded tokens (``attention_mask`` 0) count for nothing;
+        other inputs (the pooler's [CLS] vectors, say) count every row."""
+        if not self.corda:
+            return None
+        targets = {_parent(t.path): t for t in self.plan(params).values()}
+
+        def one_batch(states, batch):
+            mask, seen = batch.get("attention_mask"), {}
+
+            def intercept(next_fun, args, kwargs, context):
+                module_path = tree.SEP.join(context.module.path)
+                if context.method_name == "__call__" and module_path in targets:
+                    seen[module_path] = _add_inputs(
+                        seen.get(module_path, states[targets[module_path].path]),
+                        _first_input(args, kwargs), targets[module_path].input_axes, mask)
+                return next_fun(*args, **kwargs)
+
+            with nn.intercept_methods(intercept):
+                module.apply({"params": params}, **batch)
+            missing = [t.path for m, t in targets.items() if m not in seen]
+            if missing:
+                raise ValueError(f"CorDA calibration: the model never called the layer of "
+                                 f"target {missing[0]}")
+            return {t.path: seen[m] for m, t in targets.items()}, None
+
+        start = {t.path: init_lib.CovarianceState(
+            jnp.zeros((math.prod(t.shape[:t.input_axes]),) * 2, jnp.float32),
+            jnp.zeros((), jnp.int32)) for t in targets.values()}
+        states, _ = jax.lax.scan(one_batch, start, batches)
+        return {path: state.covariance() for path, state in states.items()}
+
     def init(self, rng, params: dict, stats=None) -> dict:
-        """``params`` with factors beside every target (factors already present are kept)."""
-        del stats
+        """``params`` with factors beside every target (factors already present are kept).
+        Inits from the weight also replace each target kernel by its residual; CorDA reads
+        ``stats``, :meth:`calibrate`'s covariances."""
         flat = dict(tree.flatten(params))
         for index, target in enumerate(self.plan(params).values()):
             kernel, r, n_in = flat[target.path], target.rank, target.input_axes
@@ -228,11 +302,14 @@ class LoRA(Method):
                 continue
             key = jax.random.fold_in(rng, index)
             dtype = kernel.dtype
-            if target.path.endswith("embedding"):
+            if self.init_weights in WEIGHT_INITS:
+                a, b, flat[target.path] = self._from_weight(target, kernel, stats)
+                a, b = a.astype(dtype), b.astype(dtype)
+            elif target.path.endswith("embedding"):
                 a = jnp.zeros(a_shape, dtype)  # PEFT's choice for embedding tables
                 b = jax.random.normal(key, b_shape, dtype)
             else:
-                if self.init_a == "kaiming_uniform":
+                if self.init_weights == "kaiming_uniform":
                     # torch kaiming_uniform_(a=sqrt(5)) on lora_A [r, fan_in]: U(±1/sqrt(fan_in))
                     bound = 1.0 / math.sqrt(math.prod(a_shape[:-1]))
                     a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
@@ -241,6 +318,20 @@ class LoRA(Method):
                 b = jnp.zeros(b_shape, dtype)
             flat[a_path], flat[b_path] = a, b
         return tree.unflatten(flat)
+
+    def _from_weight(self, target: Target, kernel, stats):
+        """``(A, B, W - s·A·B)`` for one kernel by PiSSA, OLoRA or CorDA."""
+        r, s, n_in = target.rank, target.scale, target.input_axes
+        if self.init_weights == "pissa":
+            return init_lib.pissa(kernel, r, s, n_in)
+        if self.init_weights == "olora":
+            return init_lib.olora(kernel, r, s, n_in)
+        if not stats or target.path not in stats:
+            raise ValueError(f"LoRA init_weights={self.init_weights!r} needs the input "
+                             f"covariance of {target.path} (LoRA.calibrate's stats); got "
+                             f"{'none' if not stats else sorted(stats)[:3]}")
+        mode = self.init_weights.removeprefix("corda_")
+        return init_lib.corda(kernel, stats[target.path], r, s, n_in, mode)
 
     def logical_axes(self, logical: dict, shapes: dict) -> dict:
         """A takes the kernel's input axes, B its output axes; the rank axis has no name."""
@@ -261,8 +352,14 @@ class LoRA(Method):
         by_module = {_parent(path): s for path, s in flat_scales.items()}
         training = kwargs.get("deterministic", True) is False
         rate = self.dropout if training else 0.0
-        with nn.intercept_methods(_interceptor(by_module, rate)):
+        with nn.intercept_methods(_interceptor(by_module, rate, self.combine)):
             return module.apply(variables, *args, **kwargs)
+
+    def combine(self, layer: nn.Module, y, delta, scale: float):
+        """An adapted layer's output from its own output ``y`` and the low-rank term ``delta``
+        (DoRA rescales here)."""
+        del layer, scale
+        return y + delta.astype(y.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +373,18 @@ def _first_input(args, kwargs):
     return next(iter(kwargs.values()))
 
 
-def _interceptor(scales: dict[str, float], rate: float):
+def _add_inputs(state: init_lib.CovarianceState, inputs, n_in: int, mask):
+    """``state`` plus one batch of a layer's inputs, padded tokens weighted 0 (see
+    :meth:`LoRA.calibrate`)."""
+    x = jnp.asarray(inputs, jnp.float32)
+    samples = x.shape[:x.ndim - n_in]
+    keep = (jnp.asarray(mask, jnp.float32) if mask is not None and samples == mask.shape
+            else jnp.ones(samples, jnp.float32))
+    added = init_lib.accumulate_covariance(state, x * keep.reshape(samples + (1,) * n_in), n_in)
+    return added._replace(count=state.count + jnp.sum(keep).astype(jnp.int32))
+
+
+def _interceptor(scales: dict[str, float], rate: float, combine):
     def intercept(next_fun, args, kwargs, context):
         layer = context.module
         if context.method_name != "__call__" or not layer.has_variable("params", A):
@@ -291,7 +399,7 @@ def _interceptor(scales: dict[str, float], rate: float):
             dtype = layer.dtype or a.dtype
             rows = jnp.take(a, inputs, axis=0).astype(dtype)
             delta = jnp.tensordot(rows * scale, b.astype(dtype), 1)
-            return y + delta.astype(y.dtype)
+            return combine(layer, y, delta, scale)
         if isinstance(layer, nn.Dense):
             n_in, dtype = 1, layer.dtype or jnp.result_type(inputs, a)
         elif isinstance(layer, MultiAxisDense):
@@ -308,7 +416,7 @@ def _interceptor(scales: dict[str, float], rate: float):
             keep = jax.random.bernoulli(layer.make_rng("dropout"), 1.0 - rate, x.shape)
             x = jnp.where(keep, x / (1.0 - rate), jnp.zeros((), dtype))
         delta = low_rank(x, a.astype(dtype), b.astype(dtype), n_in, float(scale))
-        return y + delta.astype(y.dtype)
+        return combine(layer, y, delta, scale)
     return intercept
 
 
@@ -413,3 +521,34 @@ def lora_factors(params, scales) -> tuple[dict, dict]:
     s = _scale_map(scales, params, pairs)
     adapter = {p: flat[p] for pair in pairs.values() for p in (pair.a, pair.b)}
     return tree.unflatten(adapter), tree.unflatten({path: s[path] for path in pairs})
+
+
+def to_plain_lora(method: LoRA, params, initial_factors) -> tuple[LoRA, dict]:
+    """A PiSSA / OLoRA / CorDA adapter as a plain LoRA over the *original* base, PEFT's
+    ``path_initial_model_for_weight_conversion``: such an init moves ``s·A₀·B₀`` out of each
+    kernel, so the trained adapter only makes sense on the residual base. With
+    ``W = W_res + s·A₀·B₀``, the trained layer ``W_res + s·A·B`` is ``W + s·[A, A₀]·[B; -B₀]``:
+    a rank-2r adapter at the same scale (alpha doubled, or times sqrt 2 under rsLoRA).
+    ``initial_factors``: :func:`lora_factors` of the params right after ``init``. Returns the
+    plain method and ``params`` with the original kernels and the rank-2r factors."""
+    flat, initial = dict(tree.flatten(params)), tree.flatten(initial_factors)
+    scales = tree.flatten(method.scales(params))
+    for path, pair in factor_pairs(flat).items():
+        if pair.a not in initial or pair.b not in initial:
+            raise ValueError(f"to_plain_lora: initial_factors has no {pair.a!r} / {pair.b!r}")
+        a0, b0 = initial[pair.a], initial[pair.b]
+        if a0.shape != flat[pair.a].shape or b0.shape != flat[pair.b].shape:
+            raise ValueError(f"to_plain_lora: initial factors at {pair.module} are "
+                             f"{a0.shape} / {b0.shape}; the trained ones "
+                             f"{flat[pair.a].shape} / {flat[pair.b].shape}")
+        kernel = flat[path]
+        flat[path] = (kernel + _delta(pair, initial, scales[path])).astype(kernel.dtype)
+        flat[pair.a] = jnp.concatenate([flat[pair.a], a0], axis=-1)
+        flat[pair.b] = jnp.concatenate([flat[pair.b], -b0], axis=0)
+    factor = math.sqrt(2.0) if method.rslora else 2.0
+    plain = dataclasses.replace(
+        method, init_weights=RANDOM_INITS[0], calibration_batches=0,
+        targets=tuple((pattern, 2 * rank if rank else rank) for pattern, rank in method.targets),
+        alpha=method.alpha * factor,
+        alpha_rules=tuple((pattern, alpha * factor) for pattern, alpha in method.alpha_rules))
+    return plain, tree.unflatten(flat)

@@ -3,7 +3,8 @@
 
 PEFT stores, per adapted torch module ``M`` (names as ``transformers`` gives them),
 ``base_model.model.M.lora_A.weight [r, in]`` and ``lora_B.weight [out, r]``, or for an
-embedding ``M.lora_embedding_A [r, vocab]`` and ``M.lora_embedding_B [embed, r]``; whole
+embedding ``M.lora_embedding_A [r, vocab]`` and ``M.lora_embedding_B [embed, r]``; a DoRA
+adapter (``use_dora``) adds ``M.lora_magnitude_vector [out]`` (our ``dora_m``, flattened); whole
 modules that train beside the adapter (``modules_to_save``) are stored under their plain names.
 Names and layouts come from :mod:`research.models.hf` (``FORMATS[family].hf_name`` and the
 kernel's ``Layout``), so there is no second name map here: ``A`` (the kernel's input axes plus
@@ -25,13 +26,16 @@ import numpy as np
 import safetensors.numpy
 
 from research import tree
-from research.lowrank.lora import LoRA, factor_pairs, _strip_factors, TARGET_LEAVES
+from research.lowrank import dora
+from research.lowrank.lora import LoRA, TARGET_LEAVES, WEIGHT_INITS, _strip_factors, factor_pairs
 from research.models import hf
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"(.*)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)")
+MAGNITUDE = "lora_magnitude_vector"
+_LORA_KEY = re.compile(r"(.*)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
+                       rf"|{MAGNITUDE})")
 
 
 def _hf_shape(layout: hf.Layout, shape: tuple) -> tuple:
@@ -96,14 +100,23 @@ def _write_atomically(directory: str, files: dict) -> None:
 
 def export_peft(method: LoRA, params, model, directory: str, *,
                 base_model_name_or_path: str | None = None) -> dict:
-    """Write ``params``' LoRA factors (and the ``also_train`` modules, as PEFT's
-    ``modules_to_save``) as a PEFT adapter for ``model``'s ``transformers`` class. Returns the
-    adapter config written."""
+    """Write ``params``' LoRA factors (with DoRA's magnitudes, if any, and the ``also_train``
+    modules, as PEFT's ``modules_to_save``) as a PEFT adapter for ``model``'s ``transformers``
+    class. Returns the adapter config written."""
+    if method.init_weights in WEIGHT_INITS:
+        raise ValueError(f"export_peft: a LoRA with init_weights={method.init_weights!r} lives "
+                         f"on residual base kernels; convert it first with "
+                         f"lora.to_plain_lora(method, params, initial_factors)")
     flat = tree.flatten(params)
     pairs = factor_pairs(flat)
     if not pairs:
         raise ValueError("export_peft: params hold no LoRA factors")
-    base = _strip_factors(flat)
+    use_dora = {dora.magnitude_path(path) in flat for path in pairs}
+    if len(use_dora) > 1:
+        raise ValueError("export_peft: some adapted leaves have DoRA magnitudes and some do "
+                         "not; PEFT's use_dora covers every module")
+    use_dora = use_dora.pop()
+    base = dora.strip_magnitudes(_strip_factors(flat))
     tree.check_same_structure(model.param_shapes(), tree.unflatten(base))
     fmt = hf.FORMATS[model.family]
     _, prefixed = fmt.architecture(model.head)
@@ -128,6 +141,10 @@ def export_peft(method: LoRA, params, model, directory: str, *,
                                  f"torch Linear [{out_size}, {in_size}] PEFT can adapt")
             tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = a_hf
             tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = b_hf
+            if use_dora:
+                magnitude = flat[dora.magnitude_path(path)]
+                tensors[f"{KEY_PREFIX}{module}.{MAGNITUDE}"] = np.asarray(
+                    magnitude, np.float32).reshape(-1)
         ranks[module], module_alphas[module] = int(rank), float(alphas[path])
 
     # Modules trained beside the adapter travel whole, as PEFT's modules_to_save.
@@ -161,7 +178,7 @@ def export_peft(method: LoRA, params, model, directory: str, *,
         "rank_pattern": {_pattern(m): r for m, r in ranks.items() if r != rank},
         "alpha_pattern": {_pattern(m): a for m, a in module_alphas.items() if a != alpha},
         "use_rslora": bool(method.rslora), "modules_to_save": sorted(saved_modules) or None,
-        "bias": "none", "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
+        "bias": "none", "fan_in_fan_out": False, "use_dora": use_dora, "init_lora_weights": True,
         "inference_mode": True, "revision": None,
     }
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
@@ -195,8 +212,7 @@ def _read_adapter(directory: str) -> tuple[dict, str, dict]:
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{config_path}: peft_type={config.get('peft_type')!r}; only LORA "
                          f"adapters import")
-    for key, plain in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none"),
-                       ("lora_bias", False)):
+    for key, plain in (("fan_in_fan_out", False), ("bias", "none"), ("lora_bias", False)):
         if config.get(key, plain) != plain:
             raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported "
                              f"(only {plain!r})")
@@ -215,14 +231,16 @@ def _rules(values: dict[str, object]) -> tuple:
 
 
 def import_peft(directory: str, model, params, **options) -> tuple[LoRA, dict]:
-    """``(LoRA method, params with factors)`` from a PEFT LoRA adapter for ``model``.
+    """``(LoRA method, params with factors)`` from a PEFT LoRA adapter for ``model`` (a
+    :class:`~research.lowrank.dora.DoRA` method, with magnitudes, for ``use_dora``).
     ``params`` are the base weights (factors already in them are replaced); ``modules_to_save``
     weights replace theirs and train (``also_train``). ``options`` go to :class:`LoRA`
-    (``dropout``, ``init_a``...). An adapter that does not fit the model is a one-line error
+    (``dropout``, ``init_weights``...). An adapter that does not fit the model is a one-line error
     naming the module and both shapes."""
     config, weights_path, tensors = _read_adapter(directory)
+    use_dora = bool(config.get("use_dora", False))
     fmt = hf.FORMATS[model.family]
-    flat = _strip_factors(tree.flatten(params))
+    flat = dora.strip_magnitudes(_strip_factors(tree.flatten(params)))
     tree.check_same_structure(model.param_shapes(), tree.unflatten(flat))
 
     names = {}
@@ -261,6 +279,11 @@ def import_peft(directory: str, model, params, **options) -> tuple[LoRA, dict]:
         embedding = path.endswith("embedding")
         kinds = (("lora_embedding_A", "lora_embedding_B") if embedding
                  else ("lora_A.weight", "lora_B.weight"))
+        if use_dora:
+            if embedding:
+                raise ValueError(f"{weights_path}: DoRA on embedding {module!r} is not "
+                                 f"supported")
+            kinds += (MAGNITUDE,)
         if set(parts) != set(kinds):
             raise ValueError(f"{weights_path}: adapter module {module!r} has {sorted(parts)}; "
                              f"{path} {shape} needs {list(kinds)}")
@@ -273,23 +296,28 @@ def import_peft(directory: str, model, params, **options) -> tuple[LoRA, dict]:
                 f"{weights_path}: adapter module {module!r}: {kinds[0]} {tuple(a.shape)} and "
                 f"{kinds[1]} {tuple(b.shape)} do not fit this model's {path} {shape}, which "
                 f"needs {want_a} and {want_b}")
+        if use_dora and tuple(parts[MAGNITUDE].shape) != (out_size,):
+            raise ValueError(f"{weights_path}: adapter module {module!r}: {MAGNITUDE} "
+                             f"{tuple(parts[MAGNITUDE].shape)} does not fit this model's "
+                             f"{path} {shape}, which needs ({out_size},)")
         ranks[path] = int(rank)
         alphas[path] = float(_pattern_value(config.get("alpha_pattern"), module,
                                             config.get("lora_alpha", 8)))
-        factors_hf[path] = (a, b, layout, embedding)
+        factors_hf[path] = (a, b, layout, embedding, parts.get(MAGNITUDE))
 
     if not ranks:
         raise ValueError(f"{weights_path}: the adapter holds no LoRA factors")
     alpha = _most_common(alphas)
-    method = LoRA(targets=_rules(ranks), alpha=alpha,
-                  alpha_rules=_rules({p: a for p, a in alphas.items() if a != alpha}),
-                  rslora=bool(config.get("use_rslora", False)),
-                  dropout=float(config.get("lora_dropout", 0.0) or 0.0),
-                  also_train=tuple(re.escape(by_tensor[name][0]) for name in saved), **options)
+    method = (dora.DoRA if use_dora else LoRA)(
+        targets=_rules(ranks), alpha=alpha,
+        alpha_rules=_rules({p: a for p, a in alphas.items() if a != alpha}),
+        rslora=bool(config.get("use_rslora", False)),
+        dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+        also_train=tuple(re.escape(by_tensor[name][0]) for name in saved), **options)
 
     plan = method.plan(tree.unflatten(flat))
     for path, target in plan.items():
-        a, b, layout, embedding = factors_hf[path]
+        a, b, layout, embedding, magnitude = factors_hf[path]
         n_in, rank = target.input_axes, target.rank
         a_shape, b_shape = (*target.shape[:n_in], rank), (rank, *target.shape[n_in:])
         module = path.rpartition(tree.SEP)[0]
@@ -299,6 +327,9 @@ def import_peft(directory: str, model, params, **options) -> tuple[LoRA, dict]:
             a_ours, b_ours = layout.to_ours(a, a_shape), hf.linear(1).to_ours(b, b_shape)
         flat[f"{module}/lora_a"] = np.asarray(a_ours, np.float32)
         flat[f"{module}/lora_b"] = np.asarray(b_ours, np.float32)
+        if magnitude is not None:
+            flat[dora.magnitude_path(path)] = np.asarray(
+                magnitude.reshape(target.shape[n_in:]), np.float32)
     for name, value in saved.items():
         path, layout = by_tensor[name]
         shape = tuple(flat[path].shape)

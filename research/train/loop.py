@@ -122,25 +122,24 @@ def make_setup(config, model, total_steps: int, devices=None) -> Setup:
 
 def init_params(config, setup: Setup, rng) -> dict:
     """Params created directly on their shardings: random init inside a jit with
-    ``out_shardings``; pretrained leaves (if ``config.model.pretrained``) placed shard by shard
-    from the safetensors file (heads the checkpoint lacks keep their random init); then the
-    method's own leaves, which may depend on the pretrained weights (PiSSA, CorDA...)."""
+    ``out_shardings``, or, with ``config.model.pretrained``, every leaf placed shard by shard
+    from the safetensors file (heads the checkpoint lacks are initialised alone, from the same
+    key); then the method's own leaves, which may depend on the pretrained weights (PiSSA,
+    CorDA...)."""
     model_rng, method_rng = jax.random.split(rng)
     all_shardings = tree_lib.flatten(setup.param_shardings)
     model_shardings = tree_lib.unflatten(
         {path: all_shardings[path] for path in tree_lib.flatten(setup.model.param_shapes())})
-    params = jax.jit(setup.model.init, out_shardings=model_shardings)(model_rng)
     pretrained = config.model.get("pretrained")
     if pretrained:
-        loaded_model, loaded = hf.load_pretrained(pretrained, model=setup.model)
-        flat_params, flat_shardings = tree_lib.flatten(params), tree_lib.flatten(model_shardings)
-        for path, value in tree_lib.flatten(loaded).items():
-            if path in loaded_model.newly_initialized:
-                continue
-            value = np.asarray(value)
-            flat_params[path] = jax.make_array_from_callback(
-                value.shape, flat_shardings[path], lambda index, v=value: v[index])
-        params = tree_lib.unflatten(flat_params)
+        _, loaded = hf.load_pretrained(pretrained, model=setup.model, rng=model_rng)
+        flat_shardings = tree_lib.flatten(model_shardings)
+        params = tree_lib.unflatten({
+            path: jax.make_array_from_callback(value.shape, flat_shardings[path],
+                                               lambda index, v=np.asarray(value): v[index])
+            for path, value in tree_lib.flatten(loaded).items()})
+    else:
+        params = jax.jit(setup.model.init, out_shardings=model_shardings)(model_rng)
     stats = calibration_stats(config, setup, params)
     return jax.jit(setup.method.init, out_shardings=setup.param_shardings)(
         method_rng, params, stats)
