@@ -201,8 +201,8 @@ RNG_IMPLS = ("unsafe_rbg", "rbg", "threefry2x32")
 
 def step_key(key, impl: str):
     """The step's random key (dropout, token masking) in PRNG ``impl``. The state keeps a
-    threefry key; the RBG generators draw bits with XLA's RngBitGenerator, which on CPU makes
-    dropout about 4x cheaper than threefry (a LoRA step ~15% faster), at the price of bits
+    threefry key; the RBG generators draw bits with XLA's RngBitGenerator, far cheaper than
+    threefry on CPU (a MiniLM LoRA step with dropout ran ~15% faster), at the price of bits
     that depend on the sharding. 'threefry2x32' keeps them sharding-invariant."""
     if impl not in RNG_IMPLS:
         raise ValueError(f"config.train.rng_impl={impl!r} is not one of {RNG_IMPLS}")
