@@ -3,7 +3,6 @@ adapters active at once equal merging both; a mixed batch equals running each ro
 own adapter; one compilation serves every mix of the same shapes; zero-padded ranks are exact."""
 
 import contextlib
-import functools
 import os
 
 import jax
@@ -15,6 +14,7 @@ import safetensors.numpy
 from research import methods, models, tree
 from research.lowrank import adapters as lib
 from research.lowrank.lora import LoRA, factor_pairs, merge
+from test_lora import forward
 
 TINY = dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, vocab_size=100,
             max_length=32, hidden_dropout=0.0, attention_dropout=0.0)
@@ -51,13 +51,6 @@ def token_batch(rows=4, length=12, seed=0):
     mask = np.ones((rows, length), np.int32)
     mask[1, 8:] = 0
     return ids, mask, np.zeros_like(ids)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def forward(model, method, params, ids, mask, types):
-    if method is None:
-        return model.module.apply({"params": params}, ids, mask, types)
-    return method.apply(model.module, {"params": params}, ids, mask, types)
 
 
 serve = jax.jit(lib.mixed_apply, static_argnums=0)

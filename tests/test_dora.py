@@ -16,8 +16,8 @@ from research.lowrank.dora import DoRA
 from research.models import hf
 from research.models.layers import MultiAxisDense
 from research.train import loop, optim
-from test_lora import (_torch_outputs, random_params, randomize_factors, tiny_model,
-                       token_batch)
+from test_lora import (_torch_outputs, forward, random_params, randomize_factors,
+                       tiny_model, token_batch)
 
 TARGETS = ((r"encoder/.*/attn/(query|out)/kernel", 4), (r"encoder/.*/mlp/wi/kernel", 2),
            (r"pooler/kernel", 3))
@@ -29,12 +29,6 @@ def randomize_magnitudes(params, seed=2):
     return tree.map_with_path(
         lambda p, x: x * jnp.asarray(rng.uniform(0.5, 2.0, x.shape), jnp.float32)
         if p.endswith(dora_lib.MAGNITUDE) else x, params)
-
-
-def outputs(model, method, params, ids, mask, types):
-    if method is None:
-        return model.module.apply({"params": params}, ids, mask, types)
-    return method.apply(model.module, {"params": params}, ids, mask, types)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +58,8 @@ def test_magnitudes_start_at_the_kernel_norms_and_change_nothing(tiny, adapted):
             base[f"{module}/kernel"], axis=inputs), rtol=1e-5, err_msg=module)
     assert f"embeddings/word/{dora_lib.MAGNITUDE}" not in flat
     ids, mask, types = token_batch()
-    for x, y in zip(outputs(model, None, params, ids, mask, types),
-                    outputs(model, method, fresh, ids, mask, types)):
+    for x, y in zip(forward(model, None, params, ids, mask, types),
+                    forward(model, method, fresh, ids, mask, types)):
         np.testing.assert_allclose(y, x, rtol=0, atol=1e-5)
 
     logical = tree.flatten(method.logical_axes(loop.abstract_params(model)[1], fresh))
@@ -92,9 +86,9 @@ def test_adapted_forward_equals_the_merged_weights(tiny, adapted):
         flat["encoder/layer_1/attn/out/dora_m"] * v / np.linalg.norm(v, axis=(0, 1)),
         rtol=1e-5, atol=1e-6)
     ids, mask, types = token_batch()
-    ours = outputs(model, method, moved, ids, mask, types)
-    theirs = outputs(model, None, merged, ids, mask, types)
-    base = outputs(model, None, params, ids, mask, types)
+    ours = forward(model, method, moved, ids, mask, types)
+    theirs = forward(model, None, merged, ids, mask, types)
+    base = forward(model, None, params, ids, mask, types)
     for x, y, b in zip(theirs, ours, base):
         np.testing.assert_allclose(y, x, rtol=0, atol=1e-5)
         assert np.abs(np.asarray(y) - np.asarray(b)).max() > 1e-2
@@ -159,7 +153,7 @@ def test_dora_adapters_match_peft_in_torch_both_ways(tiny, adapted, tmp_path):
         transformers.BertModel.from_pretrained(str(tmp_path / "base")),
         str(tmp_path / "ours")).eval()
     theirs = _torch_outputs(torch_model, ids, mask, types)
-    ours = outputs(model, method, moved, ids, mask, types)
+    ours = forward(model, method, moved, ids, mask, types)
     for x, y in zip(theirs, ours):
         assert np.abs(np.asarray(y) - x).max() < 1e-4
     again_method, again = peft_lib.import_peft(str(tmp_path / "ours"), model, params)
@@ -178,7 +172,7 @@ def test_dora_adapters_match_peft_in_torch_both_ways(tiny, adapted, tmp_path):
     method, imported = peft_lib.import_peft(str(tmp_path / "theirs"), model, params)
     assert isinstance(method, DoRA)
     assert tree.flatten(imported)["encoder/layer_0/attn/value/dora_m"].shape == (4, 8)
-    ours = outputs(model, method, imported, ids, mask, types)
+    ours = forward(model, method, imported, ids, mask, types)
     for x, y in zip(theirs, ours):
         assert np.abs(np.asarray(y) - x).max() < 1e-4
 
@@ -246,7 +240,7 @@ def test_bad_input_is_a_one_line_error(tiny, adapted):
     without = {p: v for p, v in tree.flatten(fresh).items()
                if p != f"pooler/{dora_lib.MAGNITUDE}"}
     with pytest.raises(ValueError, match=r"DoRA layer pooler \(Dense\) has no dora_m"):
-        outputs(model, method, tree.unflatten(without), *token_batch())
+        forward(model, method, tree.unflatten(without), *token_batch())
     with pytest.raises(ValueError, match=r"DoRA merge: pooler/kernel has factors but no "
                                          r"pooler/dora_m"):
         dora_lib.merge(tree.unflatten(without), method)

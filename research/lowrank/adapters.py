@@ -54,8 +54,8 @@ import numpy as np
 import safetensors.numpy
 
 from research import tree
-from research.lowrank.lora import (A, B, FACTOR_PATTERN, TARGET_LEAVES, LoRA, lora_factors,
-                                   low_rank)
+from research.lowrank.lora import (A, B, FACTOR_PATTERN, TARGET_LEAVES, LoRA, compute_dtype_of,
+                                   input_axes_of, lora_factors, low_rank)
 from research.lowrank.peft import _write_atomically
 from research.methods import Method
 from research.models.layers import MultiAxisDense
@@ -189,23 +189,6 @@ def adapter_names(params) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _input_axes(layer) -> int:
-    """How many trailing input axes the layer contracts; 0 for an embedding lookup."""
-    if isinstance(layer, nn.Embed):
-        return 0
-    if isinstance(layer, nn.Dense):
-        return 1
-    return layer.get_variable("params", "kernel").ndim - len(layer.features)
-
-
-def _compute_dtype(layer, inputs, a):
-    if isinstance(layer, MultiAxisDense):
-        return layer.config.compute_dtype
-    if isinstance(layer, nn.Embed):
-        return layer.dtype or a.dtype
-    return layer.dtype or jnp.result_type(inputs, a)
-
-
 def _apply_with(module, variables, args, kwargs, modules, delta):
     """``module.apply`` with ``delta(layer, path, inputs, input_axes)`` added to the output of
     each Dense, MultiAxisDense and Embed call at a path in ``modules``. A path never reached is
@@ -221,7 +204,7 @@ def _apply_with(module, variables, args, kwargs, modules, delta):
         if path not in modules:
             return y
         inputs = call_args[0] if call_args else next(iter(call_kwargs.values()))
-        return y + delta(layer, path, inputs, _input_axes(layer)).astype(y.dtype)
+        return y + delta(layer, path, inputs, input_axes_of(layer)).astype(y.dtype)
 
     with nn.intercept_methods(intercept):
         outputs = module.apply(variables, *args, **kwargs)
@@ -354,7 +337,7 @@ class MultiLoRA(Method):
             total = 0.0
             for name, scale, rate in active[path]:
                 a, b = factors[name]["a"], factors[name]["b"]
-                dtype = _compute_dtype(layer, inputs, a)
+                dtype = compute_dtype_of(layer, inputs, a)
                 if n_in == 0:
                     rows = jnp.take(a, inputs, axis=0).astype(dtype)
                     total = total + jnp.tensordot(rows * scale, b.astype(dtype), 1)
@@ -455,7 +438,7 @@ def mixed_apply(module, params, stacked, adapter_ids, *args, **kwargs):
                              f"leading axis is not the batch of {batch} adapter_ids")
         valid = (ids >= 0) & (ids < scale.shape[0])
         safe = jnp.where(valid, ids, 0)
-        dtype, rank = _compute_dtype(layer, inputs, a), a.shape[-1]
+        dtype, rank = compute_dtype_of(layer, inputs, a), a.shape[-1]
         if n_in == 0:
             rows = a[safe.reshape((batch,) + (1,) * (inputs.ndim - 1)), inputs]
             hidden, lead = rows.astype(dtype).reshape(batch, -1, rank), inputs.shape

@@ -384,6 +384,29 @@ def _add_inputs(state: init_lib.CovarianceState, inputs, n_in: int, mask):
     return added._replace(count=state.count + jnp.sum(keep).astype(jnp.int32))
 
 
+def input_axes_of(layer: nn.Module) -> int:
+    """How many trailing input axes an adaptable layer contracts: 0 for an embedding lookup,
+    1 for ``nn.Dense``, the kernel's input axes for ``MultiAxisDense`` (read off the layer,
+    not its kernel, so a tree whose kernels were factorised away still works)."""
+    if isinstance(layer, nn.Embed):
+        return 0
+    if isinstance(layer, nn.Dense):
+        return 1
+    if isinstance(layer, MultiAxisDense):
+        return len(layer.kernel_axes) - len(layer.features)
+    raise ValueError(f"low-rank factors at {tree.SEP.join(layer.path)} sit in a "
+                     f"{type(layer).__name__}; they adapt nn.Dense, MultiAxisDense and nn.Embed")
+
+
+def compute_dtype_of(layer: nn.Module, inputs, factor):
+    """The dtype the layer computes in, which its low-rank path follows."""
+    if isinstance(layer, MultiAxisDense):
+        return layer.config.compute_dtype
+    if isinstance(layer, nn.Embed):
+        return layer.dtype or factor.dtype
+    return layer.dtype or jnp.result_type(inputs, factor)
+
+
 def _interceptor(scales: dict[str, float], rate: float, combine):
     def intercept(next_fun, args, kwargs, context):
         layer = context.module
@@ -395,19 +418,11 @@ def _interceptor(scales: dict[str, float], rate: float, combine):
         inputs = _first_input(args, kwargs)
         y = next_fun(*args, **kwargs)
         scale = scales[path]
-        if isinstance(layer, nn.Embed):
-            dtype = layer.dtype or a.dtype
+        n_in, dtype = input_axes_of(layer), compute_dtype_of(layer, inputs, a)
+        if n_in == 0:
             rows = jnp.take(a, inputs, axis=0).astype(dtype)
             delta = jnp.tensordot(rows * scale, b.astype(dtype), 1)
             return combine(layer, y, delta, scale)
-        if isinstance(layer, nn.Dense):
-            n_in, dtype = 1, layer.dtype or jnp.result_type(inputs, a)
-        elif isinstance(layer, MultiAxisDense):
-            kernel = layer.get_variable("params", "kernel")
-            n_in, dtype = kernel.ndim - len(layer.features), layer.config.compute_dtype
-        else:
-            raise ValueError(f"LoRA factors at {path} sit in a {type(layer).__name__}; LoRA "
-                            f"adapts nn.Dense, MultiAxisDense and nn.Embed")
         if a.ndim - 1 != n_in:
             raise ValueError(f"LoRA factor {path}/{A} {a.shape} has {a.ndim - 1} input axes; "
                              f"the layer's kernel has {n_in} (set LoRA input_axes)")

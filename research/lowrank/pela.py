@@ -27,9 +27,8 @@ import jax.numpy as jnp
 
 from research import tree
 from research.lowrank import init as init_lib
-from research.lowrank.lora import DEFAULT_INPUT_AXES, low_rank
+from research.lowrank.lora import DEFAULT_INPUT_AXES, compute_dtype_of, input_axes_of, low_rank
 from research.methods import Method
-from research.models.layers import MultiAxisDense
 
 U, V = "pela_u", "pela_v"
 FACTOR_PATTERN = r"(.*/)?pela_(u|v)"
@@ -209,14 +208,11 @@ def _student(next_fun, args, kwargs, context):
     path = tree.SEP.join(layer.path)
     u, v = layer.get_variable("params", U), layer.get_variable("params", V)
     x = args[0] if args else next(iter(kwargs.values()))
-    if isinstance(layer, nn.Dense):
-        n_in, dtype, use_bias = 1, layer.dtype or jnp.result_type(x, u), layer.use_bias
-    elif isinstance(layer, MultiAxisDense):
-        n_in = len(layer.kernel_axes) - len(layer.features)
-        dtype, use_bias = layer.config.compute_dtype, layer.config.use_bias
-    else:
-        raise ValueError(f"PELA factors at {path} sit in a {type(layer).__name__}; PELA "
-                         f"factorises nn.Dense and MultiAxisDense kernels")
+    if isinstance(layer, nn.Embed):
+        raise ValueError(f"PELA factors at {path} sit in an Embed; PELA factorises nn.Dense "
+                         f"and MultiAxisDense kernels")
+    n_in, dtype = input_axes_of(layer), compute_dtype_of(layer, x, u)
+    use_bias = layer.use_bias if isinstance(layer, nn.Dense) else layer.config.use_bias
     if u.ndim - 1 != n_in:
         raise ValueError(f"PELA factor {path}/{U} {u.shape} has {u.ndim - 1} input axes; the "
                          f"layer's kernel has {n_in} (set PELA input_axes)")
