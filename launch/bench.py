@@ -151,8 +151,13 @@ def bench_lora_variants() -> None:
     bench_variants()
 
 
+def bench_merge() -> None:
+    from launch.bench_merge import main as run
+    run([])
+
+
 BENCHMARKS = {"train_step": bench_train_step, "lora": bench_lora,
-              "lora_variants": bench_lora_variants}
+              "lora_variants": bench_lora_variants, "merge": bench_merge}
 
 
 def main(argv=None) -> int:

@@ -168,7 +168,11 @@ def calibration_stats(config, setup: Setup, params):
 
 def init_state(config, setup: Setup) -> dict:
     rng = jax.random.key(config.seed)
-    params = init_params(config, setup, jax.random.fold_in(rng, 0))
+    # A separate init seed lets runs share their fresh (head) weights yet differ in data order
+    # and dropout: soup ingredients must start from one point.
+    init_seed = config.model.get("init_seed")
+    init_rng = rng if init_seed is None else jax.random.key(init_seed)
+    params = init_params(config, setup, jax.random.fold_in(init_rng, 0))
     trainable, frozen = tree_lib.split(params, setup.trainable)
     opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(trainable)
     state = {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng),
@@ -297,11 +301,15 @@ def local_batch_size(batch_size: int) -> int:
 
 
 def make_loader(config, split: str, *, training: bool, batch_size: int):
+    """``config.data.options`` apply to every split; ``config.data.train_options`` (a training
+    subset, say) to the training stream only, so evaluation always sees the whole split."""
+    options = dict(config.data.get("options", {}))
+    if training:
+        options.update(config.data.get("train_options") or {})
     return data_lib.make_loader(
         config.data.name, split, batch_size=local_batch_size(batch_size),
         seed=config.seed, shuffle=training, num_epochs=None if training else 1,
-        drop_remainder=training, data_dir=config.data.get("data_dir"),
-        **dict(config.data.get("options", {})))
+        drop_remainder=training, data_dir=config.data.get("data_dir"), **options)
 
 
 def _pad_rows(batch: dict, rows: int) -> dict:
