@@ -9,7 +9,8 @@ in its own subprocess: wall time (best of ``--repeats``) and peak resident memor
 once, untimed, before the runs: both tools read from memory, and Scion's input bytes per second
 is set against a large in-memory copy measured in the same run. Neither tool fsyncs its output
 (mergekit never does; Scion runs with ``--no-fsync``, since a durable write runs at the disk's
-speed, not the merge's). Both outputs are compared tensor by tensor. Prints ``key=value`` lines; the last is ``mergekit_over_scion`` (time).
+speed, not the merge's). Both outputs are compared tensor by tensor. Prints ``key=value``
+lines; the last is ``mergekit_over_scion`` (time).
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", help="a few-MB shape, to check quickly")
     parser.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "scion_bench_merge"),
                         help="where generated checkpoints are cached (and outputs written)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each tool")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each tool")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--copy-mb", type=int, default=None,
                         help="size of the in-memory copy [1024; 256 with --small]")

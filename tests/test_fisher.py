@@ -7,12 +7,13 @@ input is a one-line error."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from sklearn.datasets import load_digits
 
 from research import tree
 from research.merge import fisher
+from test_portllm import accuracy, fit
+from test_portllm import log_probs as mlp_log_probs
 
 SHAPES = {"a/kernel": (4, 3), "a/bias": (3,), "b/scale": (5,)}
 
@@ -110,31 +111,6 @@ def test_diagonal_fisher_matches_softmax_regression_closed_form():
 # ---------------------------------------------------------------------------------------------
 # A real merge: two digits models from one init, trained on disjoint classes
 # ---------------------------------------------------------------------------------------------
-
-
-def mlp_log_probs(params, x):
-    hidden = jax.nn.relu(x @ params["hidden"]["kernel"] + params["hidden"]["bias"])
-    return jax.nn.log_softmax(hidden @ params["out"]["kernel"] + params["out"]["bias"])
-
-
-TX = optax.adam(1e-2)
-
-
-@jax.jit
-def fit(params, x, y, steps):
-    def loss(p):
-        return -jnp.mean(jnp.take_along_axis(mlp_log_probs(p, x), y[:, None], 1))
-
-    def step(carry, _):
-        p, state = carry
-        updates, state = TX.update(jax.grad(loss)(p), state, p)
-        return (optax.apply_updates(p, updates), state), None
-
-    return jax.lax.scan(step, (params, TX.init(params)), steps)[0][0]
-
-
-def accuracy(params, x, y):
-    return float(np.mean(np.argmax(mlp_log_probs(params, x), -1) == y))
 
 
 def test_fisher_merge_beats_plain_averaging_on_digits():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from research import tree
-from research.merge import kernels, trees
+from research.merge import sparsify, trees
 
 D = 8
 
@@ -601,7 +601,7 @@ def test_magnitude_trimming_keeps_exactly_k_on_large_tensors(values):
              else rng.integers(-40, 41, n)).astype(np.float32)
     for density in (0.01, 0.3, 0.97):
         k = max(1, int(density * n))
-        kept = kernels.magnitude(delta.copy(), density) != 0
+        kept = sparsify.magnitude(delta.copy(), density) != 0
         assert kept.sum() == k  # integers in [-40, 40]: zeros are 1/81, fewer than n - k
         threshold = np.sort(np.abs(delta))[n - k]
         assert np.all(np.abs(delta[kept]) >= threshold)

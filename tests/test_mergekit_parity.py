@@ -225,7 +225,8 @@ def test_bad_configs_and_inputs_are_one_line_errors(models, tmp_path):
     assert "allowed: linear" in _error(tmp_path, {"merge_method": "tie", "models": [{"model": a}]})
     assert "allowed: weight, density" in _error(tmp_path, {
         "merge_method": "ties", "base_model": base, "models": _models([a], weight=1.0, densty=1)})
-    assert "not 1" in _error(tmp_path, {"merge_method": "linear", "parameters": {"normalize": False},
+    assert "not 1" in _error(tmp_path, {"merge_method": "linear",
+                                        "parameters": {"normalize": False},
                                         "models": _models([a, b], weight=[0.5, 0.7])})
     assert "no tensor" in _error(tmp_path, {"merge_method": "linear",
                                             "models": _models([a, bert], weight=[0.5, 0.5])})

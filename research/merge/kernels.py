@@ -39,8 +39,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from research.merge import sparsify
+from research.merge.sparsify import WHOLE, Whole
+
 SHARED, PER_MODEL = "shared", "per_model"
-_CHUNK = 1 << 15  # elements per step of chunked passes: their temporaries stay in cache
 REQUIRED = object()  # default of a parameter that has none
 
 
@@ -59,203 +61,6 @@ class Method:
     base: str  # "required", "optional" or "ignored"
     min_models: int = 1  # non-base inputs
     max_models: int | None = None
-
-
-# ---------------------------------------------------------------------------------------------
-# Whole-tensor statistics
-# ---------------------------------------------------------------------------------------------
-
-
-class Whole:
-    """Statistics of a tensor held whole by this process. A sharded merge passes its own
-    object with the same methods, computing them across the processes that hold the pieces
-    (:mod:`research.merge.sharded`); every method here reads whole-tensor statistics only
-    through it."""
-
-    def total(self, value):
-        """The sum over all pieces of a per-piece partial sum (here: the value itself)."""
-        return value
-
-    def kth_smallest(self, values: np.ndarray, k: int):
-        """The ``k``-th smallest (1-based) of the whole tensor's ``values``, which it may
-        reorder (a partition in place)."""
-        values.partition(k - 1)
-        return values[k - 1]
-
-    def equal_before(self, count: int) -> int:
-        """How many entries equal to the threshold earlier pieces hold (ties are taken in
-        piece order)."""
-        return 0
-
-
-WHOLE = Whole()
-
-
-def _norm(x: np.ndarray, stats: Whole):
-    flat = x.ravel()
-    return np.sqrt(stats.total(np.dot(flat, flat)))
-
-
-def _dot(a: np.ndarray, b: np.ndarray, stats: Whole):
-    return stats.total(np.dot(a.ravel(), b.ravel()))
-
-
-# ---------------------------------------------------------------------------------------------
-# Selection and sparsification of one task vector
-# ---------------------------------------------------------------------------------------------
-
-
-def _chunks(flat: np.ndarray):
-    """Cache-sized views of a flat array, for elementwise passes without tensor-sized
-    temporaries."""
-    return (flat[start:start + _CHUNK] for start in range(0, flat.size, _CHUNK))
-
-
-def smallest_mask(values: np.ndarray, k: int, stats: Whole = WHOLE) -> np.ndarray:
-    """Boolean mask of the ``k`` smallest entries of a flat array, ties taken in index order.
-    One partition (linear time), where mergekit sorts."""
-    n = stats.total(values.size)
-    if k <= 0:
-        return np.zeros(values.size, bool)
-    if k >= n:
-        return np.ones(values.size, bool)
-    kth = stats.kth_smallest(values.copy(), k)
-    mask = values < kth
-    missing = k - stats.total(int(np.count_nonzero(mask)))
-    equal = np.flatnonzero(values == kth)
-    take = min(max(missing - stats.equal_before(len(equal)), 0), len(equal))
-    mask[equal[:take]] = True
-    return mask
-
-
-def _rescaled(delta: np.ndarray, kept: np.ndarray, rescale: bool, stats: Whole,
-              eps: float = 1e-7):
-    """``delta * kept``, in place (callers own ``delta``); with ``rescale`` scaled back to the
-    L1 norm it had (mergekit's ``RescaleNorm.l1``), unless either norm is below ``eps``."""
-    before = stats.total(np.abs(delta).sum()) if rescale else None
-    delta *= kept
-    return _rescale_to(delta, before, stats, eps) if rescale else delta
-
-
-def _rescale_to(masked: np.ndarray, before, stats: Whole, eps: float = 1e-7):
-    after = stats.total(np.abs(masked).sum())
-    if before < eps or after < eps:
-        return masked
-    masked *= before / after
-    return masked
-
-
-def _kth_largest_magnitude(flat: np.ndarray, k: int) -> tuple[float, int]:
-    """The k-th largest ``|x|`` of a flat array, and how many entries exceed it, with no
-    tensor-sized temporary: a sorted strided sample brackets the answer, one chunked pass
-    counts the entries above the bracket and collects those inside, and a partition of those
-    few finishes. Exact: if the bracket misses (rare), a full partition decides."""
-    n = flat.size
-    sample = np.sort(np.abs(flat[::max(1, n // (1 << 16))]))
-    m, q = sample.size, 1 - k / n
-    margin = 6 * np.sqrt(q * (1 - q) / m) + 6 / m
-    low = sample[int((q - margin) * m)] if q - margin > 0 else -np.inf
-    high = sample[int(np.ceil((q + margin) * m))] if q + margin < 1 - 1 / m else np.inf
-    above, inside = 0, []
-    for part in _chunks(flat):
-        magnitudes = np.abs(part)
-        above += int(np.count_nonzero(magnitudes > high))
-        inside.append(magnitudes[(magnitudes >= low) & (magnitudes <= high)])
-    inside = np.concatenate(inside)
-    need = k - above
-    if not 1 <= need <= inside.size:
-        inside, above, need = np.abs(flat), 0, k
-    threshold = np.partition(inside, inside.size - need)[inside.size - need]
-    return threshold, above + int(np.count_nonzero(inside > threshold))
-
-
-def magnitude(delta, density: float, rescale: bool = False, stats: Whole = WHOLE,
-              scale=1, **_):
-    """Keep the largest ``k = max(1, int(density * n))`` entries by magnitude (TIES trimming):
-    those above the k-th largest and, of those equal to it, the first few in index order, so
-    exactly k. Linear time where mergekit sorts; chunked, in place, and multiplied by ``scale``
-    (the model's weight) in the same pass."""
-    if density >= 1:
-        delta *= scale
-        return delta
-    n = stats.total(delta.size)
-    if density <= 0 or n == 0:
-        return np.zeros_like(delta)
-    k = max(1, int(density * n))
-    flat = delta.reshape(-1)
-    if stats is WHOLE:
-        threshold, greater = _kth_largest_magnitude(flat, k)
-        ties = k - greater
-    else:
-        threshold = stats.kth_smallest(np.abs(flat), n - k + 1)
-        greater = stats.total(sum(int(np.count_nonzero(np.abs(part) > threshold))
-                                  for part in _chunks(flat)))
-        equal = sum(int(np.count_nonzero(np.abs(part) == threshold)) for part in _chunks(flat))
-        ties = min(max(k - greater - stats.equal_before(equal), 0), equal)
-    before = stats.total(np.abs(delta).sum()) if rescale else None
-    for part in _chunks(flat):
-        magnitudes = np.abs(part)
-        kept = magnitudes > threshold
-        if ties:
-            equal = np.flatnonzero(magnitudes == threshold)[:ties]
-            kept[equal] = True
-            ties -= equal.size
-        part *= kept
-        if not rescale:
-            part *= scale
-    if rescale:
-        delta = _rescale_to(delta, before, stats)
-        delta *= scale
-    return delta
-
-
-def magnitude_outliers(delta, density: float, gamma: float, rescale: bool = False,
-                       stats: Whole = WHOLE, scale=1, **_):
-    """Breadcrumbs: drop the largest ``gamma`` fraction and then the smallest, keeping
-    ``int(density * n)`` entries (fewer outliers are dropped if both cannot be met)."""
-    if density >= 1:
-        delta *= scale
-        return delta
-    n = stats.total(delta.size)
-    keep, top = int(density * n), int(gamma * n)
-    bottom = max(0, n - keep - top)
-    magnitudes = np.abs(delta).ravel()
-    kept = (smallest_mask(magnitudes, bottom + keep, stats)
-            & ~smallest_mask(magnitudes, bottom, stats))
-    delta = _rescaled(delta, kept.reshape(delta.shape), rescale, stats)
-    delta *= scale
-    return delta
-
-
-def bernoulli(delta, density: float, rescale: bool = True, rng=None, stats: Whole = WHOLE,
-              scale=1, **_):
-    """DARE: keep each entry with probability ``density``, rescale to the original L1 norm."""
-    if density < 1:
-        delta = _rescaled(delta, rng.random(delta.shape) < density, rescale, stats)
-    delta *= scale
-    return delta
-
-
-def della_magprune(delta, density: float, epsilon: float, rescale: bool = True, rng=None,
-                   stats: Whole = WHOLE, scale=1, **_):
-    """DELLA: keep probability from ``density - epsilon`` (smallest in its row) rising linearly
-    with the magnitude rank to ``density + epsilon`` (largest). Ranks are within rows, so a
-    sharded merge must hold whole rows."""
-    if density >= 1:
-        delta *= scale
-        return delta
-    if density <= 0:
-        return np.zeros_like(delta)
-    if not (0 < density - epsilon and density + epsilon < 1):
-        raise ValueError(f"della: density {density} ± epsilon {epsilon} must stay inside (0, 1)")
-    rows = delta.reshape(delta.shape[0], -1) if delta.ndim >= 2 else delta.reshape(1, -1)
-    ranks = np.argsort(np.argsort(np.abs(rows), axis=1, kind="stable"), axis=1)
-    spread = max(rows.shape[1] - 1, 1)
-    keep_probability = (density - epsilon) + (ranks / spread) * 2 * epsilon
-    kept = rng.random(rows.shape) < keep_probability
-    delta = _rescaled(delta, kept.reshape(delta.shape), rescale, stats)
-    delta *= scale
-    return delta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +103,7 @@ def _elect_and_sum(deltas, weights, normalize: bool, dtype):
     one = dtype.type(1)
 
     def elect(start):
-        parts = [f[start:start + _CHUNK] for f in flat]
+        parts = [f[start:start + sparsify.CHUNK] for f in flat]
         sign = np.copysign(one, sum(parts))  # a sum of -0.0 gets -1, but adds only zeros
         mixed, divisor = np.zeros_like(sign), np.zeros_like(sign)
         for part, weight in zip(parts, weights):
@@ -312,12 +117,12 @@ def _elect_and_sum(deltas, weights, normalize: bool, dtype):
             mixed /= divisor
         parts[0][...] = mixed
 
-    for _ in _threads().map(elect, range(0, flat[0].size, _CHUNK)):
+    for _ in _threads().map(elect, range(0, flat[0].size, sparsify.CHUNK)):
         pass
     return deltas[0]
 
 
-def _task_arithmetic_family(sparsify, consensus: bool):
+def _task_arithmetic_family(trim, consensus: bool):
     """mergekit's generalized task arithmetic: sparsify each task vector, weight it, optionally
     keep only entries that agree with the elected sign, combine, normalise, scale by lambda.
     Task vectors overwrite their inputs when the caller hands them over (``consume``), so a
@@ -329,11 +134,11 @@ def _task_arithmetic_family(sparsify, consensus: bool):
 
         def weighted_task_vector(index):
             delta = np.subtract(tensors[index], base, out=tensors[index] if consume else None)
-            if sparsify is None:
+            if trim is None:
                 delta *= weights[index]
                 return delta
             extra = {k: p[k][index] for k in ("gamma", "epsilon") if k in p}
-            return sparsify(delta, density=p["density"][index], rescale=p["rescale"],
+            return trim(delta, density=p["density"][index], rescale=p["rescale"],
                             rng=rngs[index], stats=stats, scale=weights[index], **extra)
 
         # Task vectors are independent: numpy releases the GIL, so threads use every core. A
@@ -367,8 +172,8 @@ def model_stock(tensors, base, p, rng, stats, consume):
         dots = {(i, j): (rows[i] * rows[j]).sum(-1) for i in range(len(rows))
                 for j in range(i + 1, len(rows))}
     else:
-        norms = [_norm(x, stats) for x in offsets]
-        dots = {(i, j): _dot(offsets[i], offsets[j], stats) for i in range(len(offsets))
+        norms = [sparsify.norm(x, stats) for x in offsets]
+        dots = {(i, j): sparsify.dot(offsets[i], offsets[j], stats) for i in range(len(offsets))
                 for j in range(i + 1, len(offsets))}
     cosines = [np.clip(dot / np.maximum(norms[i] * norms[j], 1e-6), -1, 1)
                for (i, j), dot in dots.items()]
@@ -386,10 +191,10 @@ def slerp_pair(t: float, v0, v1, stats: Whole = WHOLE, dot_threshold: float = 0.
                eps: float = 1e-8):
     """Spherical interpolation from ``v0`` (t=0) to ``v1`` (t=1) over the whole tensor; nearly
     collinear pairs interpolate linearly."""
-    norm_a, norm_b = _norm(v0, stats), _norm(v1, stats)
+    norm_a, norm_b = sparsify.norm(v0, stats), sparsify.norm(v1, stats)
     norm_a, norm_b = (norm_a if norm_a > eps else 1), (norm_b if norm_b > eps else 1)
-    dot = float(np.clip(_dot(v0 / v0.dtype.type(norm_a), v1 / v1.dtype.type(norm_b), stats),
-                        -1, 1))
+    unit_a, unit_b = v0 / v0.dtype.type(norm_a), v1 / v1.dtype.type(norm_b)
+    dot = float(np.clip(sparsify.dot(unit_a, unit_b, stats), -1, 1))
     if abs(dot) > dot_threshold:
         coef_a, coef_b = 1 - t, t
     else:
@@ -422,9 +227,9 @@ def nuslerp(tensors, base, p, rng, stats, consume):
     if base is not None:
         v0, v1 = v0 - base, v1 - base
     if p["nuslerp_flatten"] or v0.ndim == 0:
-        u0 = v0 / max(_norm(v0, stats), 1e-7)
-        u1 = v1 / max(_norm(v1, stats), 1e-7)
-        merged = _nuslerp_combine(t, v0, v1, np.clip(_dot(u0, u1, stats), -1, 1))
+        u0 = v0 / max(sparsify.norm(v0, stats), 1e-7)
+        u1 = v1 / max(sparsify.norm(v1, stats), 1e-7)
+        merged = _nuslerp_combine(t, v0, v1, np.clip(sparsify.dot(u0, u1, stats), -1, 1))
     else:
         axis = 0 if p["nuslerp_row_wise"] else -1
 
@@ -449,11 +254,11 @@ def _task_params(**extra) -> dict[str, Param]:
             "int8_mask": Param(SHARED, False, bool)}
 
 
-def _task_method(name, sparsify, consensus, normalize, rescale, **extra) -> Method:
+def _task_method(name, trim, consensus, normalize, rescale, **extra) -> Method:
     params = _task_params(**extra)
     params["normalize"] = Param(SHARED, normalize, bool)
     params["rescale"] = Param(SHARED, rescale, bool)
-    return Method(name, _task_arithmetic_family(sparsify, consensus), params, "required")
+    return Method(name, _task_arithmetic_family(trim, consensus), params, "required")
 
 
 _GAMMA = {"gamma": Param(PER_MODEL, 0.01)}
@@ -463,13 +268,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("linear", linear, {"weight": Param(PER_MODEL),
                               "normalize": Param(SHARED, True, bool)}, "ignored"),
     _task_method("task_arithmetic", None, False, False, False),
-    _task_method("ties", magnitude, True, True, False),
-    _task_method("dare_ties", bernoulli, True, False, True),
-    _task_method("dare_linear", bernoulli, False, False, True),
-    _task_method("breadcrumbs", magnitude_outliers, False, False, False, **_GAMMA),
-    _task_method("breadcrumbs_ties", magnitude_outliers, True, False, False, **_GAMMA),
-    _task_method("della", della_magprune, True, True, True, **_EPSILON),
-    _task_method("della_linear", della_magprune, False, False, True, **_EPSILON),
+    _task_method("ties", sparsify.magnitude, True, True, False),
+    _task_method("dare_ties", sparsify.bernoulli, True, False, True),
+    _task_method("dare_linear", sparsify.bernoulli, False, False, True),
+    _task_method("breadcrumbs", sparsify.magnitude_outliers, False, False, False, **_GAMMA),
+    _task_method("breadcrumbs_ties", sparsify.magnitude_outliers, True, False, False, **_GAMMA),
+    _task_method("della", sparsify.della_magprune, True, True, True, **_EPSILON),
+    _task_method("della_linear", sparsify.della_magprune, False, False, True, **_EPSILON),
     Method("model_stock", model_stock, {"filter_wise": Param(SHARED, False, bool)}, "required",
            min_models=2),
     Method("slerp", slerp, {"t": Param(SHARED)}, "required", 1, 1),

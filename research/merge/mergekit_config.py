@@ -224,7 +224,8 @@ def plan(config: dict, checkpoints: dict[str, stream.Checkpoint]) -> tuple[list[
             directory = _model_dir(source, where)
             start, stop = source.get("layer_range", (None, None))
             count = _layer_count(checkpoints[directory])
-            if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= count):
+            if not (isinstance(start, int) and isinstance(stop, int)
+                    and 0 <= start < stop <= count):
                 raise ValueError(f"{where}.layer_range {source.get('layer_range')!r} is not "
                                  f"within the model's {count} layers")
             ranges.append((directory, start, stop, source.get("parameters")))

@@ -38,12 +38,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from research import tree
-from research.merge import kernels, trees
+from research.merge import kernels, sparsify, trees
 
 _DIGIT = 8  # bits resolved per all-gather round of the k-th smallest search
 
 
-class Distributed(kernels.Whole):
+class Distributed(sparsify.Whole):
     """Statistics of a tensor split into one piece per process, ordered by ``position`` (the
     piece's first row). Every process must call the same methods in the same order, as the
     kernels do: their branches depend only on parameters and global statistics."""
@@ -225,7 +225,7 @@ def _merge_leaf(method, path, inputs, base, params, seed, sharding) -> jax.Array
     blocks = [local_rows(a) for a in inputs + ([base] if base is not None else [])]
     start, pieces = blocks[0][0], [rows for _, rows in blocks]
     whole = pieces[0].shape == first.shape
-    stats = kernels.WHOLE if whole else Distributed(start)
+    stats = sparsify.WHOLE if whole else Distributed(start)
     # Counted across processes, so that every process raises, none waits in a collective.
     bad = np.flatnonzero(stats.total(np.array(
         [np.count_nonzero(~np.isfinite(p)) for p in pieces], np.int64)))
@@ -260,12 +260,8 @@ def merge_checkpoints(method: str, model_paths: Sequence[str], base_path: str | 
     """Merge orbax checkpoints into a new params checkpoint at ``out_path``, as
     :func:`trees.merge` would merge the restored trees. Every process calls it with the same
     arguments; leaves are restored ``group_bytes`` (global bytes per model) at a time."""
-    spec = kernels.method(method)
-    kernels.check_inputs(spec, len(model_paths), base_path is not None)
-    model_parameters = list(model_parameters or [{} for _ in model_paths])
-    if len(model_parameters) != len(model_paths):
-        raise ValueError(f"model_parameters has {len(model_parameters)} entries for "
-                         f"{len(model_paths)} models")
+    model_parameters = trees.check_call(method, len(model_paths), base_path is not None,
+                                        model_parameters)
     if os.path.exists(out_path):
         raise ValueError(f"out_path {out_path!r} exists; a merge never overwrites")
     mesh = mesh or default_mesh()

@@ -110,6 +110,18 @@ def resolve_params(method: str, paths: Sequence[str], parameters: dict | None,
     return resolved
 
 
+def check_call(method: str, count: int, has_base: bool,
+               model_parameters: Sequence[dict] | None) -> list[dict]:
+    """The method exists and takes ``count`` models (and a base, or not); one settings dict per
+    model (empty ones when none are given)."""
+    kernels.check_inputs(kernels.method(method), count, has_base)
+    model_parameters = list(model_parameters or [{} for _ in range(count)])
+    if len(model_parameters) != count:
+        raise ValueError(f"model_parameters has {len(model_parameters)} entries for {count} "
+                         "models")
+    return model_parameters
+
+
 def merge(method: str, models: Sequence[dict], base: dict | None = None, *,
           parameters: dict | None = None, model_parameters: Sequence[dict] | None = None,
           seed: int = 0) -> dict:
@@ -119,12 +131,7 @@ def merge(method: str, models: Sequence[dict], base: dict | None = None, *,
     or the first model. Structures and shapes must agree: the error names the first path that
     does not.
     """
-    spec = kernels.method(method)
-    kernels.check_inputs(spec, len(models), base is not None)
-    model_parameters = list(model_parameters or [{} for _ in models])
-    if len(model_parameters) != len(models):
-        raise ValueError(f"model_parameters has {len(model_parameters)} entries for "
-                         f"{len(models)} models")
+    model_parameters = check_call(method, len(models), base is not None, model_parameters)
     reference = base if base is not None else models[0]
     for other in models:
         tree.check_same_structure(reference, other)
