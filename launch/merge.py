@@ -10,8 +10,22 @@ atomically. Mistakes in the config or inputs end with one line naming them.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import sys
 import time
+
+
+def _reuse_freed_memory() -> None:
+    """glibc returns every tensor-sized block to the kernel when freed (munmap), so each read
+    lands in fresh pages the kernel must fault in and zero again; kept in the heap, the next
+    tensor reuses them (about 10% faster here, same peak). glibc only; elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters, from <malloc.h>
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 1 << 40)
 
 
 def main(argv=None) -> int:
@@ -29,6 +43,7 @@ def main(argv=None) -> int:
     from launch.main import USER_ERRORS
     from research.merge import mergekit_config
 
+    _reuse_freed_memory()
     start = time.perf_counter()
     try:
         tensors = mergekit_config.run(args.config, args.out_dir, seed=args.seed,

@@ -14,7 +14,8 @@ from the training loop's own evaluation, in four sections, each ending with a he
 * ``points/``: the MIXTURES runs alone and their dataset soups (Liu et al. 2024).
 * ``two_task/``: the sentiment run TWO_TASK[0] and the subjectivity run TWO_TASK[1]: their
   encoders (everything but the classifier head) merged against the pretrained MiniLM by task
-  arithmetic, TIES, DARE-TIES and Fisher averaging; each task read by its own head, on test.
+  arithmetic, TIES, DARE-TIES and Fisher averaging (also with each Fisher scaled to mean 1);
+  each task read by its own head, on test.
 * ``portllm/``: the sentiment delta moved onto the further-trained base (the subjectivity run's
   encoder), against that base alone and the original sentiment fine-tune (Khan et al. 2024).
 
@@ -83,15 +84,17 @@ class Task:
         self.template = None  # a restored state: the eval step's arguments carry its layout
 
     def restore(self, root: str, name: str) -> dict:
-        """The final params of the finished run ``root/name``."""
+        """The final params of the finished run ``root/name`` (one of RUNS)."""
         from research import tree
         from research.train import checkpoint
+        from research.train import config as config_lib
 
         workdir = os.path.join(root, name)
         manager = checkpoint.make_manager(workdir)
         restored = checkpoint.restore_latest(manager, self.setup.abstract_state)
         manager.close()
-        steps = int(self.config.train.steps)
+        quick = ",quick" if self.quick else ""
+        steps = int(config_lib.load(f"{CONFIG}:{RUNS[name]}{quick}", []).train.steps)
         if restored is None or restored[0] != steps:
             raise FileNotFoundError(f"run {workdir} has not finished its {steps} steps "
                                     "(train it first: python -m launch.merge_experiments)")
@@ -192,13 +195,16 @@ def soup_section(task: Task, root: str) -> None:
         learning_rate=LEARNED_SOUP["learning_rate"])
     for group, weights in coefficients.items():
         _line(f"soup/learned/coefficients/{group}", ",".join(f"{w:.3f}" for w in weights))
+    # The greedy soup's validation score is the last one it kept.
+    known = {("greedy", "validation"): max(score for _, score, was_kept in log["steps"]
+                                           if was_kept)}
     test = {}
     for name, params in {"uniform": uniform, "greedy": greedy, "learned": learned}.items():
-        for split in SPLITS:
-            accuracy = task.accuracy(params, split)
+        accuracies = {split: known[name, split] if (name, split) in known
+                      else task.accuracy(params, split) for split in SPLITS}
+        for split, accuracy in accuracies.items():
             _line(f"soup/{name}/{split}_accuracy", accuracy)
-            if split == "test":
-                test[name] = accuracy
+        test[name] = accuracies["test"]
     # Accuracy against the number of ingredients: uniform soups of the k best on validation.
     order = sorted(range(len(models)), key=lambda i: -scores["validation"][i])
     for k in range(1, len(models) + 1):
@@ -235,6 +241,7 @@ def points_section(task: Task, root: str) -> None:
 
 def _merged_encoders(tasks: list[Task], models: list[dict], base: dict) -> dict[str, dict]:
     """``{method: merged encoder}`` of the models' encoders against the base's."""
+    from research import tree
     from research.merge import fisher, trees
 
     encoders = [_split_head(m)[0] for m in models]
@@ -249,6 +256,14 @@ def _merged_encoders(tasks: list[Task], models: list[dict], base: dict) -> dict[
         tasks[0].log_probs, model, task.batches("train", examples)))[0]
         for task, model in zip(tasks, models)]
     merged["fisher"] = fisher.fisher_merge(encoders, fishers)
+    # A confident model has a small Fisher everywhere, so the raw merge follows the less
+    # confident one; scaled to mean 1, each Fisher only says where its model is sensitive.
+    totals = [sum(float(leaf.sum()) for leaf in tree.flatten(f).values()) / tree.count(f)
+              for f in fishers]
+    for total, name in zip(totals, TWO_TASK):
+        _line(f"two_task/fisher/{name}_mean_fisher", f"{total:.3e}")
+    merged["fisher_mean1"] = fisher.fisher_merge(
+        encoders, [tree.scale(f, 1.0 / t) for f, t in zip(fishers, totals)])
     return merged
 
 

@@ -438,8 +438,10 @@ TIES_SCRIPT = textwrap.dedent("""
 def test_ties_merge_run_holds_a_few_tensors_not_the_models(tmp_path):
     """A whole mergekit-config TIES run (base + 3 models of 16 random 4 MiB tensors) peaks at
     the inputs of one tensor (4), the output and a spare (2), one selection scratch per worker
-    thread, plus the fixed overhead: far below one model."""
+    thread and the next tensor's inputs read ahead, plus the fixed overhead: under one model."""
     import yaml
+
+    from research.merge import mergekit_config
 
     rng = np.random.default_rng(0)
     dirs = []
@@ -460,5 +462,6 @@ def test_ties_merge_run_holds_a_few_tensors_not_the_models(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     largest, workers = SIDE * SIDE * 4, min(os.cpu_count(), 3)
     growth = int(result.stdout.split()[-1])
-    assert growth <= (4 + 2 + workers) * largest + OVERHEAD, growth / largest
-    assert growth < 16 * largest / 2  # under half of one model
+    read_ahead = mergekit_config.READ_AHEAD
+    assert growth <= (4 + 2 + workers + read_ahead) * largest + OVERHEAD, growth / largest
+    assert growth < 16 * largest  # under one model

@@ -267,3 +267,29 @@ def test_step_key_draws_from_the_chosen_generator():
                               jax.random.key_data(fast))
     with pytest.raises(ValueError, match=r"config.train.rng_impl='philox' is not one of"):
         loop.step_key(key, "philox")
+
+
+def test_init_seed_shares_fresh_weights_across_seeds():
+    """Soup ingredients: runs with different seeds but one ``model.init_seed`` draw their fresh
+    weights from one key (and without it they do not); the default is unchanged."""
+    def key(seed, init_seed):
+        config = tiny_config()
+        config.seed, config.model.init_seed = seed, init_seed
+        return jax.random.key_data(loop.init_key(config))
+
+    np.testing.assert_array_equal(key(1, 0), key(2, 0))
+    assert not np.array_equal(key(1, None), key(2, None))
+    np.testing.assert_array_equal(key(5, None), jax.random.key_data(
+        jax.random.fold_in(jax.random.key(5), 0)))
+
+
+def test_train_options_reach_the_training_loader_only(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(loop.data_lib, "make_loader",
+                        lambda name, split, **kwargs: seen.setdefault(split, kwargs))
+    config = tiny_config()
+    config.data.train_options = dict(shard_index=1, shard_count=3)
+    loop.make_loader(config, "train", training=True, batch_size=8)
+    loop.make_loader(config, "test", training=False, batch_size=8)
+    assert seen["train"]["shard_count"] == 3 and seen["train"]["max_length"] == 16
+    assert "shard_count" not in seen["test"] and seen["test"]["max_length"] == 16

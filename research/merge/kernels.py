@@ -23,9 +23,9 @@ thing in both:
 * ``passthrough`` — one model's tensor, optionally scaled (layer stacking is a plan of these).
 
 Arrays are numpy on the host: a merge streams tensors from disk and never needs a device.
-Sampling is exact where mergekit's is (``ties`` keeps exactly ``k`` entries, ties broken by
-position); random drops use a numpy generator seeded per tensor, so they match mergekit's
-statistics (density, rescaling), not its torch random stream.
+Trimming (:mod:`research.merge.sparsify`) is exact where mergekit's is (``ties`` keeps exactly
+``k`` entries, ties broken by position); random drops use a numpy generator seeded per tensor,
+so they match mergekit's statistics (density, rescaling), not its torch random stream.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bf
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
               "tokenizer.model", "merges.txt", "vocab.json", "generation_config.json",
               "preprocessor_config.json")
+READ_AHEAD = 4  # tensors read while the merge works: a base and three models' next inputs
 # ``model.layers.3.mlp...`` (Llama), ``encoder.layer.3.attention...`` (BERT, ViT).
 _LAYER = re.compile(r"^(?P<head>.*?(?:^|\.)(?:layers|layer|h|blocks)\.)(?P<index>\d+)"
                     r"(?P<tail>\..*)$")
@@ -354,13 +355,13 @@ def _execute(config, checkpoints, tensors, layers, out_dir, seed, max_shard_byte
                 extra[name] = file.read()
 
     def reads():
-        """One read per input tensor, inputs then base, in plan order: read-ahead then holds
-        one tensor beyond the merge in flight, keeping memory near (models + 2) tensors."""
+        """One read per input tensor, inputs then base, in plan order, so the next tensor's
+        inputs are read while this one merges (``READ_AHEAD`` more tensors in memory)."""
         for entry in tensors:
             for directory, name in entry.sources + ([entry.base] if entry.base else []):
                 yield lambda d=directory, n=name: _read_checked(checkpoints[d], n)
 
-    with contextlib.closing(stream.read_ahead(reads())) as arrays, \
+    with contextlib.closing(stream.read_ahead(reads(), depth=READ_AHEAD)) as arrays, \
             stream.CheckpointWriter(out_dir, specs, max_shard_bytes=max_shard_bytes,
                                     durable=durable) as writer:
         for entry in tensors:

@@ -45,19 +45,12 @@ def _check_models(models: Sequence, what: str = "models") -> list:
     return models
 
 
-def _weighted_sum(models: Sequence, weights) -> dict:
-    """``sum_k weights[k] * models[k]`` leaf by leaf, in float32."""
-    flats = [tree.flatten(m) for m in models]
-    return tree.unflatten({
-        path: sum(w * jnp.asarray(f[path], jnp.float32) for w, f in zip(weights, flats))
-        .astype(jnp.asarray(leaf).dtype)
-        for path, leaf in flats[0].items()})
-
-
 def uniform_soup(models: Sequence) -> dict:
     """The elementwise mean of ``models``."""
-    models = _check_models(models)
-    return _weighted_sum(models, [1.0 / len(models)] * len(models))
+    flats = [tree.flatten(m) for m in _check_models(models)]
+    return tree.unflatten({
+        path: (sum(jnp.asarray(f[path], jnp.float32) for f in flats) / len(flats))
+        .astype(jnp.asarray(leaf).dtype) for path, leaf in flats[0].items()})
 
 
 def wise_ft(zero_shot, finetuned, alpha) -> dict:

@@ -166,13 +166,17 @@ def calibration_stats(config, setup: Setup, params):
     return calibrate(params, inputs)
 
 
+def init_key(config) -> jax.Array:
+    """The key of the fresh (not pretrained) weights: from ``config.seed``, or from
+    ``config.model.init_seed`` when set, so runs can share their starting point yet differ in
+    data order and dropout (soup ingredients must start from one point)."""
+    init_seed = config.model.get("init_seed")
+    return jax.random.fold_in(jax.random.key(config.seed if init_seed is None else init_seed), 0)
+
+
 def init_state(config, setup: Setup) -> dict:
     rng = jax.random.key(config.seed)
-    # A separate init seed lets runs share their fresh (head) weights yet differ in data order
-    # and dropout: soup ingredients must start from one point.
-    init_seed = config.model.get("init_seed")
-    init_rng = rng if init_seed is None else jax.random.key(init_seed)
-    params = init_params(config, setup, jax.random.fold_in(init_rng, 0))
+    params = init_params(config, setup, init_key(config))
     trainable, frozen = tree_lib.split(params, setup.trainable)
     opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(trainable)
     state = {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng),
