@@ -104,12 +104,9 @@ class Task:
 
     def pretrained(self) -> dict:
         """The params every run started from: MiniLM plus the shared head init."""
-        import jax
-
         from research.train import loop
 
-        key = jax.random.fold_in(jax.random.key(self.config.model.init_seed), 0)
-        return loop.init_params(self.config, self.setup, key)
+        return loop.init_params(self.config, self.setup, loop.init_key(self.config))
 
     def accuracy(self, params, split: str) -> float:
         import jax
