@@ -50,7 +50,6 @@ REQUIRED = object()  # default of a parameter that has none
 class Param:
     scope: str  # SHARED (one value) or PER_MODEL (one value per non-base input)
     default: object = REQUIRED
-    kind: type = float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +138,7 @@ def _task_arithmetic_family(trim, consensus: bool):
                 return delta
             extra = {k: p[k][index] for k in ("gamma", "epsilon") if k in p}
             return trim(delta, density=p["density"][index], rescale=p["rescale"],
-                            rng=rngs[index], stats=stats, scale=weights[index], **extra)
+                        rng=rngs[index], stats=stats, scale=weights[index], **extra)
 
         # Task vectors are independent: numpy releases the GIL, so threads use every core. A
         # sharded merge's statistics are collectives across processes, which must run in order.
@@ -248,16 +247,16 @@ def passthrough(tensors, base, p, rng, stats, consume):
 
 def _task_params(**extra) -> dict[str, Param]:
     return {"weight": Param(PER_MODEL), "density": Param(PER_MODEL, 1.0),
-            "normalize": Param(SHARED, False, bool), "rescale": Param(SHARED, False, bool),
+            "normalize": Param(SHARED, False), "rescale": Param(SHARED, False),
             "lambda": Param(SHARED, 1.0), **extra,
             # Accepted for mergekit configs; it only sets the dtype of mergekit's sign mask.
-            "int8_mask": Param(SHARED, False, bool)}
+            "int8_mask": Param(SHARED, False)}
 
 
 def _task_method(name, trim, consensus, normalize, rescale, **extra) -> Method:
     params = _task_params(**extra)
-    params["normalize"] = Param(SHARED, normalize, bool)
-    params["rescale"] = Param(SHARED, rescale, bool)
+    params["normalize"] = Param(SHARED, normalize)
+    params["rescale"] = Param(SHARED, rescale)
     return Method(name, _task_arithmetic_family(trim, consensus), params, "required")
 
 
@@ -266,7 +265,7 @@ _EPSILON = {"epsilon": Param(PER_MODEL, 0.15)}
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("linear", linear, {"weight": Param(PER_MODEL),
-                              "normalize": Param(SHARED, True, bool)}, "ignored"),
+                              "normalize": Param(SHARED, True)}, "ignored"),
     _task_method("task_arithmetic", None, False, False, False),
     _task_method("ties", sparsify.magnitude, True, True, False),
     _task_method("dare_ties", sparsify.bernoulli, True, False, True),
@@ -275,12 +274,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     _task_method("breadcrumbs_ties", sparsify.magnitude_outliers, True, False, False, **_GAMMA),
     _task_method("della", sparsify.della_magprune, True, True, True, **_EPSILON),
     _task_method("della_linear", sparsify.della_magprune, False, False, True, **_EPSILON),
-    Method("model_stock", model_stock, {"filter_wise": Param(SHARED, False, bool)}, "required",
+    Method("model_stock", model_stock, {"filter_wise": Param(SHARED, False)}, "required",
            min_models=2),
     Method("slerp", slerp, {"t": Param(SHARED)}, "required", 1, 1),
     Method("nuslerp", nuslerp, {"weight": Param(PER_MODEL),
-                                "nuslerp_row_wise": Param(SHARED, False, bool),
-                                "nuslerp_flatten": Param(SHARED, True, bool)}, "optional", 2, 2),
+                                "nuslerp_row_wise": Param(SHARED, False),
+                                "nuslerp_flatten": Param(SHARED, True)}, "optional", 2, 2),
     Method("passthrough", passthrough, {"scale": Param(PER_MODEL, None)}, "ignored", 1, 1),
 )}
 
