@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 import yaml
 
-from research.merge import kernels, stream
+from research.merge import kernels, stream, trees
 
 KEYS = ("models", "slices", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
         "tokenizer_source")
@@ -287,13 +287,9 @@ def plan(config: dict, checkpoints: dict[str, stream.Checkpoint]) -> tuple[list[
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_float(dtype) -> bool:
-    return np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16
-
-
 def _read_checked(checkpoint: stream.Checkpoint, name: str) -> np.ndarray:
     array = checkpoint.read(name)
-    if _is_float(array.dtype):
+    if trees.is_float_dtype(array.dtype):
         # One SIMD reduction instead of an elementwise mask: NaN and Inf survive a sum. A sum
         # that overflows is only a false alarm, which the exact check then clears.
         total = array.sum(dtype=np.float32 if array.itemsize < 4 else None)
@@ -336,7 +332,7 @@ def _execute(config, checkpoints, tensors, layers, out_dir, seed, max_shard_byte
     compute_dtype = np.float64 if config.get("dtype") == "float64" else np.float32
 
     def output_dtype(plan_entry):
-        if out_dtype and _is_float(plan_entry.dtype):
+        if out_dtype and trees.is_float_dtype(plan_entry.dtype):
             return np.dtype(DTYPES[out_dtype])
         return plan_entry.dtype
 
@@ -368,7 +364,7 @@ def _execute(config, checkpoints, tensors, layers, out_dir, seed, max_shard_byte
             inputs = [next(arrays) for _ in entry.sources]
             base = next(arrays) if entry.base else None
             dtype = output_dtype(entry)
-            if not _is_float(inputs[0].dtype):
+            if not trees.is_float_dtype(inputs[0].dtype):
                 merged = base if base is not None else inputs[0]
             else:
                 inputs = [x.astype(compute_dtype, copy=False) for x in inputs]

@@ -68,8 +68,12 @@ def resolve_setting(setting, paths: Sequence[str], depths: dict[str, float], *, 
     return {p: setting for p in paths}
 
 
+def is_float_dtype(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating)  # numpy's issubdtype misses bfloat16
+
+
 def _is_float(leaf) -> bool:
-    return jnp.issubdtype(np.asarray(leaf).dtype, jnp.floating)  # numpy misses bfloat16
+    return is_float_dtype(np.asarray(leaf).dtype)
 
 
 def check_finite(flat: dict, model: str) -> None:
