@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.data = dict(name="", data_dir="", options={}, train_options={})
-    config.model = dict(name="", overrides={}, pretrained="", init_seed=None)
+    config.model = dict(name="", overrides={}, pretrained="", init_from="", init_seed=None)
     config.method = dict(name="full")  # research/methods.py lists the methods
     config.train = dict(batch_size=32, eval_batch_size=64, steps=100, grad_accum=1,
                         log_every=10, eval_every=0, final_eval_splits=("validation", "test"),

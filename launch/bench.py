@@ -156,8 +156,13 @@ def bench_merge() -> None:
     run([])
 
 
+def bench_masks() -> None:
+    from launch.bench_masks import main as run
+    run()
+
+
 BENCHMARKS = {"train_step": bench_train_step, "lora": bench_lora,
-              "lora_variants": bench_lora_variants, "merge": bench_merge}
+              "lora_variants": bench_lora_variants, "merge": bench_merge, "masks": bench_masks}
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,16 @@ import sys
 USER_ERRORS = (ValueError, FileNotFoundError)
 
 
+def run_command(fn, *args) -> int:
+    """``fn(*args)`` as a command's exit status: 0, or 2 after one line for a user error."""
+    try:
+        fn(*args)
+    except USER_ERRORS as err:
+        print(f"error: {err.args[0] if err.args else repr(err)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m launch.main", description=__doc__)
     parser.add_argument("--config", required=True, help="configs/NAME.py[:args]")

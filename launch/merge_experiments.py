@@ -69,11 +69,11 @@ def train_all(root: str) -> None:
 class Task:
     """One task's model, the loop's setup and jitted evaluation step, and its data."""
 
-    def __init__(self, arg: str, quick: bool):
+    def __init__(self, arg: str, quick: bool, config_file: str = CONFIG):
         from research.train import config as config_lib
         from research.train import loop
 
-        self.config = config_lib.load(f"{CONFIG}:{arg}{',quick' if quick else ''}", [])
+        self.config = config_lib.load(f"{config_file}:{arg}{',quick' if quick else ''}", [])
         if quick:
             with self.config.unlocked():
                 self.config.data.options.update(shard_index=0, shard_count=QUICK_SHARDS)
@@ -81,7 +81,7 @@ class Task:
         self.model = loop.build_model(self.config)
         self.setup = loop.make_setup(self.config, self.model, int(self.config.train.steps))
         self.eval_step = loop.make_eval_step(self.setup)
-        self.template = None  # a restored state: the eval step's arguments carry its layout
+        self.template = None  # a state: the eval step's arguments carry its layout
 
     def restore(self, root: str, name: str) -> dict:
         """The final params of the finished run ``root/name`` (one of RUNS)."""
@@ -114,6 +114,8 @@ class Task:
         from research import tree
         from research.train import loop
 
+        if self.template is None:
+            self.template = loop.init_state(self.config, self.setup)
         trainable, frozen = tree.split(params, self.setup.trainable)
         shardings = self.setup.state_shardings
         state = {**self.template, "trainable": jax.device_put(trainable, shardings["trainable"]),
@@ -333,13 +335,9 @@ def main(argv=None) -> int:
     if not args.eval_only:
         train_all(args.root)
     if not args.train_only:
-        from launch.main import USER_ERRORS
+        from launch.main import run_command
 
-        try:
-            evaluate_all(args.root, args.sections, args.quick)
-        except USER_ERRORS as err:
-            print(f"error: {err.args[0] if err.args else repr(err)}", file=sys.stderr)
-            return 2
+        return run_command(evaluate_all, args.root, args.sections, args.quick)
     return 0
 
 

@@ -23,6 +23,18 @@ REGISTRY = {
     "pego": "research.lowrank.pego:PEGO",
     "dept": "research.lowrank.dept:DePT",
     "multi_lora": "research.lowrank.adapters:MultiLoRA",
+    "sparse": "research.sparse.sparse_ft:SparseFT",
+    "bitfit": "research.sparse.selection:bitfit",
+    "ln_tuning": "research.sparse.selection:ln_tuning",
+    "lightweight": "research.sparse.selection:lightweight",
+    "last_layer": "research.sparse.selection:last_layer",
+    "hft": "research.sparse.hft:HFT",
+    "green": "research.sparse.green:GreenTrainer",
+    "s2ft": "research.sparse.s2ft:S2FT",
+    "graft": "research.sparse.learned_masks:Graft",
+    "mask_tuning": "research.sparse.learned_masks:MaskTuning",
+    "subspace": "research.sparse.subspace:Subspace",
+    "sparse_reg": "research.sparse.prune:SparseRegularised",
 }
 
 
@@ -32,6 +44,12 @@ class Method:
 
     trainable: tuple[str, ...] | None = None  # path regexes; None: every leaf
     calibration_batches: int = 0  # training batches ``calibrate`` reads before ``init``
+
+    def trainable_for(self, shapes: dict) -> tuple[str, ...] | None:
+        """Regexes of the leaves that train, given every leaf's shape (``init``'s output). Most
+        methods name them up front; HFT draws its half of the blocks from the tree itself."""
+        del shapes
+        return self.trainable
 
     def calibrate(self, module, params: dict, batches: dict):
         """Statistics for ``init`` from ``batches``: model inputs stacked on a leading axis of

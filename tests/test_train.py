@@ -154,6 +154,25 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, data_dir):
     assert os.listdir(tmp_path / "resumed" / "tensorboard")
 
 
+def test_a_run_starts_from_another_runs_final_params(tmp_path, data_dir):
+    first = tiny_config(steps=2, final_eval_splits=())
+    first.data.data_dir = data_dir
+    loop.train(first, str(tmp_path))
+    saved = jax.device_get(checkpoint.final_params(str(tmp_path)))
+
+    def start(**overrides):
+        config = tiny_config(steps=2)
+        config.model.init_from = str(tmp_path)
+        config.model.overrides.update(overrides)
+        setup = loop.make_setup(config, loop.build_model(config), 2, devices=jax.devices()[:1])
+        return jax.device_get(loop.init_params(config, setup, loop.init_key(config)))
+
+    chex.assert_trees_all_equal(start(), saved)
+    with pytest.raises(ValueError, match=r"mlp/wi/(bias|kernel)' has shape") as info:
+        start(mlp_dim=128)
+    assert "\n" not in str(info.value)
+
+
 def test_checkpoint_of_a_different_model_is_a_one_line_error(tmp_path, data_dir):
     config = tiny_config(steps=2, final_eval_splits=())
     config.data.data_dir = data_dir

@@ -2,7 +2,8 @@
 
 A name is ``builder`` or ``builder/config``. ``kind`` picks the loader's transform:
 ``image`` (scale pixels to [0, 1]), ``text`` (WordPiece-tokenise for
-classification) or ``lm`` (fixed windows of a token stream).
+classification), ``lm`` (fixed windows of a token stream) or ``sft`` (those windows split
+into a prompt and the target the loss scores, for supervised fine-tuning).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ CATALOG = {
                                           RottenTomatoes, "subjectivity", "text", 2),
     "shakespeare": Entry("Shakespeare's plays as text, split by play (language modelling)",
                          Shakespeare, None, "lm", None),
+    "shakespeare/sft": Entry("Shakespeare windows as prompt -> continuation pairs "
+                             "(supervised fine-tuning)", Shakespeare, None, "sft", None),
 }
 
 DATASETS = {name: entry.description for name, entry in CATALOG.items()}

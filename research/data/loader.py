@@ -8,7 +8,11 @@ each example to model inputs and batches them into dicts of numpy arrays:
 * text   — ``input_ids``, ``attention_mask``, ``token_type_ids`` int32 [B, L],
   ``label`` int32 [B];
 * lm     — ``input_ids`` int32 [B, L] and ``attention_mask`` (all ones), windows of
-  the split's token stream (see ``research.data.lm``).
+  the split's token stream (see ``research.data.lm``);
+* sft    — the same windows as prompt -> target pairs: also ``labels`` (the clean
+  tokens) and ``target_mask`` (1 from ``prompt_length`` on, where the loss counts);
+  training streams may apply Masked Thought to ``input_ids`` (``mask_rate``, see
+  ``research.data.masked_thought``).
 
 The loader's iterator has ``get_state()`` / ``set_state()`` so training can resume
 at the exact next batch. Shards are contiguous, equal-sized slices of the split (a
@@ -27,6 +31,7 @@ from absl import flags
 from research.data.build import data_source
 from research.data.catalog import check_split, lookup
 from research.data.lm import Windows, stream_file
+from research.data.masked_thought import MaskTarget, check_rate, default_mask_id
 from research.data.tokenize import default_vocab_path, encode
 
 
@@ -60,6 +65,32 @@ class WindowInputs(grain.transforms.Map):
         return {"input_ids": window, "attention_mask": np.ones_like(window)}
 
 
+@dataclasses.dataclass(frozen=True)
+class WindowPromptTarget(grain.transforms.Map):
+    """A token window -> an SFT example: its first ``prompt_length`` tokens are the prompt,
+    the rest the target the loss scores."""
+
+    prompt_length: int
+
+    def map(self, window):
+        target = (np.arange(len(window)) >= self.prompt_length).astype(np.int32)
+        return {"input_ids": window, "labels": window, "attention_mask": np.ones_like(window),
+                "target_mask": target}
+
+
+def _sft_operations(max_length, prompt_length, mask_rate, mask_id, tokenizer, vocab_path):
+    prompt_length = max_length // 2 if prompt_length is None else prompt_length
+    if not 0 < prompt_length < max_length:
+        raise ValueError(f"prompt_length={prompt_length} (config.data.options.prompt_length) "
+                         f"is not in (0, max_length={max_length})")
+    operations = [WindowPromptTarget(prompt_length)]
+    if mask_rate:
+        mask_id = (default_mask_id(tokenizer, vocab_path or default_vocab_path())
+                   if mask_id is None else mask_id)
+        operations.append(MaskTarget(mask_rate, mask_id))
+    return operations
+
+
 def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
     if shard_index is None or shard_count is None:
         import jax  # only needed for the default, and slow to import
@@ -76,7 +107,8 @@ def make_loader(name: str, split: str, *, batch_size: int, seed: int = 0, shuffl
                 shard_count: int | None = None, max_length: int = 64,
                 vocab_path: str | None = None, tokenizer: str = "wordpiece",
                 drop_remainder: bool = True, worker_count: int = 0, prefetch: int = 64,
-                data_dir=None) -> grain.DataLoader:
+                data_dir=None, prompt_length: int | None = None, mask_rate: float = 0.0,
+                mask_id: int | None = None) -> grain.DataLoader:
     """A loader of ``name``'s ``split`` (built on first use).
 
     ``num_epochs=None`` repeats forever; shards default to this JAX process among all
@@ -85,12 +117,19 @@ def make_loader(name: str, split: str, *, batch_size: int, seed: int = 0, shuffl
     is grain's read-ahead buffer (0 reads synchronously); ``worker_count > 0`` maps in
     that many child processes. grain deals records out to workers, so batch order
     depends on ``worker_count`` and a saved iterator state restores only with the same.
+    ``sft`` datasets split each window at ``prompt_length`` (default half of it) and, with
+    ``mask_rate > 0``, replace that share of the target's input tokens by ``mask_id``
+    (default: the tokenizer's, see ``research.data.masked_thought``).
     """
     entry = lookup(name)
     check_split(split)
-    if entry.kind == "lm":
+    if check_rate(mask_rate) and entry.kind != "sft":
+        raise ValueError(f"mask_rate={mask_rate} applies to 'sft' datasets; {name!r} is "
+                         f"{entry.kind!r}")
+    if entry.kind in ("lm", "sft"):
         source = Windows(stream_file(name, split, tokenizer, vocab_path, data_dir), max_length)
-        operations = [WindowInputs()]
+        operations = ([WindowInputs()] if entry.kind == "lm" else _sft_operations(
+            max_length, prompt_length, mask_rate, mask_id, tokenizer, vocab_path))
     else:
         source, _ = data_source(name, split, data_dir)
         operations = [ScaleImage(entry.builder.MAX_VALUE) if entry.kind == "image"

@@ -396,6 +396,11 @@ def _check_expressible(model) -> None:
         raise ValueError(f"HF {model.family} needs num_kv_heads == num_heads and head_dim * "
                          f"num_heads == hidden_size; this model has {config.num_kv_heads}, "
                          f"{config.head_dim} * {config.num_heads} != {config.hidden_size}")
+    if config.removed_sublayers:
+        # transformers would fill the missing tensors with random weights, silently.
+        raise ValueError(f"HF {model.family} cannot express removed_sublayers="
+                         f"{list(config.removed_sublayers)}; keep the pruned model as a Scion "
+                         "checkpoint")
 
 
 def save_pretrained(model, params, directory: str) -> None:

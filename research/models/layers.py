@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
+SUBLAYERS = ("attn", "mlp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,9 @@ class ModelConfig:
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
     dtype: str = "float32"
+    # Sublayers a pruning removed ("layer_3/attn", "layer_5/mlp"): each is skipped with its
+    # norm, so the residual stream passes through unchanged, and has no params.
+    removed_sublayers: tuple[str, ...] = ()
 
     def __post_init__(self):
         # Derived sizes are resolved here so every consumer (and config.json) sees numbers.
@@ -69,6 +74,15 @@ class ModelConfig:
                              f"num_kv_heads={self.num_kv_heads}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r} is not one of float32, bfloat16, float16")
+        # A list when read back from JSON; a tuple keeps the config hashable.
+        object.__setattr__(self, "removed_sublayers", tuple(self.removed_sublayers))
+        for name in self.removed_sublayers:
+            match = re.fullmatch(rf"layer_(\d+)/({'|'.join(SUBLAYERS)})", str(name))
+            if match is None or int(match[1]) >= self.num_layers:
+                raise ValueError(f"removed_sublayers: {name!r} is not layer_{{i}}/attn or "
+                                 f"layer_{{i}}/mlp with 0 <= i < num_layers={self.num_layers}")
+        if len(set(self.removed_sublayers)) != len(self.removed_sublayers):
+            raise ValueError(f"removed_sublayers={self.removed_sublayers!r} names a sublayer twice")
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -265,26 +279,30 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
     """Attention then MLP, each with a residual connection and a norm placed before the
-    sublayer (pre-LN) or after the residual sum (post-LN)."""
+    sublayer (pre-LN) or after the residual sum (post-LN). A sublayer in ``removed`` is
+    skipped with its norm: the residual stream passes through it unchanged."""
     config: ModelConfig
+    removed: tuple[str, ...] = ()  # of SUBLAYERS
 
     @nn.compact
     def __call__(self, x, bias, deterministic: bool, rows: int | None = None):
         """``rows``: return only the first ``rows`` positions, computing nothing else (all
         positions are still attended to)."""
         c = self.config
+        # Submodules create their params when first called, so a skipped one has none.
         attention, mlp = Attention(c, name="attn"), Mlp(c, name="mlp")
         attn_norm, mlp_norm = Norm(c, name="attn_norm"), Norm(c, name="mlp_norm")
         def drop(y):
             return nn.Dropout(c.hidden_dropout)(y, deterministic=deterministic)
         kept = x[:, :rows] if rows is not None else x
-        if c.pre_norm:
-            normed = attn_norm(x)
-            x = kept + drop(attention(normed, bias, deterministic, rows))
-            x = x + drop(mlp(mlp_norm(x)))
+        if "attn" in self.removed:
+            x = kept
+        elif c.pre_norm:
+            x = kept + drop(attention(attn_norm(x), bias, deterministic, rows))
         else:
             x = attn_norm(kept + drop(attention(x, bias, deterministic, rows)))
-            x = mlp_norm(x + drop(mlp(x)))
+        if "mlp" not in self.removed:
+            x = x + drop(mlp(mlp_norm(x))) if c.pre_norm else mlp_norm(x + drop(mlp(x)))
         return constrain(x, "batch", "length", "embed")
 
 
@@ -304,5 +322,6 @@ class Stack(nn.Module):
         x = constrain(x, "batch", "length", "embed")
         for index in range(c.num_layers):
             rows = last_rows if index == c.num_layers - 1 else None
-            x = Block(c, name=f"layer_{index}")(x, bias, deterministic, rows)
+            removed = tuple(s for s in SUBLAYERS if f"layer_{index}/{s}" in c.removed_sublayers)
+            x = Block(c, removed, name=f"layer_{index}")(x, bias, deterministic, rows)
         return Norm(c, name="final_norm")(x) if self.final_norm else x

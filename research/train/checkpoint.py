@@ -81,3 +81,20 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state):
     restored = manager.restore(step, args=ocp.args.Composite(**args))
     return step, restored["state"], restored.get("data")
 
+
+
+def final_params(workdir: str) -> dict:
+    """The params (trainable and frozen together) of the newest checkpoint in ``workdir``, as
+    saved, whatever method wrote them: the starting point of a later run (``init_from``)."""
+    manager = make_manager(workdir)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"config.model.init_from={workdir!r}: no checkpoint in "
+                                    f"{manager.directory}")
+        state = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))["state"]
+    finally:
+        manager.close()
+    from research import tree
+    return tree.combine(state["trainable"], state["frozen"])

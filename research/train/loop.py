@@ -95,7 +95,7 @@ def make_setup(config, model, total_steps: int, devices=None) -> Setup:
     trainable_patterns = config.optim.get("trainable", None)
     trainable = optim.trainable_mask(
         shapes, config.optim.get("frozen", ()),
-        method.trainable if trainable_patterns is None else trainable_patterns)
+        method.trainable_for(shapes) if trainable_patterns is None else trainable_patterns)
     train_shapes, frozen_shapes = tree_lib.split(shapes, trainable)
     tx = optim.make_optimizer(config.optim, train_shapes, total_steps)
 
@@ -124,14 +124,16 @@ def init_params(config, setup: Setup, rng) -> dict:
     """Params created directly on their shardings: random init inside a jit with
     ``out_shardings``, or, with ``config.model.pretrained``, every leaf placed shard by shard
     from the safetensors file (heads the checkpoint lacks are initialised alone, from the same
-    key); then the method's own leaves, which may depend on the pretrained weights (PiSSA,
+    key), or, with ``config.model.init_from``, from another run's last checkpoint; then the method's own leaves, which may depend on the pretrained weights (PiSSA,
     CorDA...)."""
     model_rng, method_rng = jax.random.split(rng)
     all_shardings = tree_lib.flatten(setup.param_shardings)
     model_shardings = tree_lib.unflatten(
         {path: all_shardings[path] for path in tree_lib.flatten(setup.model.param_shapes())})
-    pretrained = config.model.get("pretrained")
-    if pretrained:
+    pretrained, init_from = config.model.get("pretrained"), config.model.get("init_from")
+    if init_from:
+        params = _params_from_run(init_from, setup.model.param_shapes(), model_shardings)
+    elif pretrained:
         _, loaded = hf.load_pretrained(pretrained, model=setup.model, rng=model_rng)
         flat_shardings = tree_lib.flatten(model_shardings)
         params = tree_lib.unflatten({
@@ -143,6 +145,25 @@ def init_params(config, setup: Setup, rng) -> dict:
     stats = calibration_stats(config, setup, params)
     return jax.jit(setup.method.init, out_shardings=setup.param_shardings)(
         method_rng, params, stats)
+
+
+def _params_from_run(workdir: str, shapes: dict, shardings: dict) -> dict:
+    """The model's leaves from another run's last checkpoint (its method's own leaves, if any,
+    are dropped), each checked against the model's shape and placed on its sharding."""
+    saved = tree_lib.flatten(checkpoint.final_params(workdir))
+    flat_shardings = tree_lib.flatten(shardings)
+    placed = {}
+    for path, shape in tree_lib.flatten(shapes).items():
+        if path not in saved:
+            raise ValueError(f"config.model.init_from={workdir!r} has no param {path!r}; "
+                             f"closest: {tree_lib.closest_paths(path, saved)}")
+        value = np.asarray(saved[path])
+        if value.shape != shape.shape:
+            raise ValueError(f"config.model.init_from={workdir!r}: {path!r} has shape "
+                             f"{value.shape}, the model expects {shape.shape}")
+        placed[path] = jax.make_array_from_callback(value.shape, flat_shardings[path],
+                                                    lambda index, v=value: v[index])
+    return tree_lib.unflatten(placed)
 
 
 def _stack(batches: list[dict]) -> dict:

@@ -47,9 +47,14 @@ def model_inputs(model, batch, rng, *, training: bool) -> tuple[dict, dict]:
         weight = weight * _valid(batch, weight.shape[0])[:, None]
         return {**inputs, "input_ids": masked}, {"label": batch["input_ids"], "weight": weight}
     if model.task == "causal_lm":
+        # SFT batches carry clean ``labels`` (Masked Thought corrupts only the inputs) and a
+        # ``target_mask``: only the target span is scored.
         weight = batch["attention_mask"][:, 1:].astype(jnp.float32)
+        if "target_mask" in batch:
+            weight = weight * batch["target_mask"][:, 1:]
         weight = weight * _valid(batch, weight.shape[0])[:, None]
-        return inputs, {"label": batch["input_ids"][:, 1:], "weight": weight}
+        labels = batch.get("labels", batch["input_ids"])
+        return inputs, {"label": labels[:, 1:], "weight": weight}
     raise ValueError(f"model task {model.task!r} is not one of {TASKS}")
 
 
