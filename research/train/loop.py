@@ -124,8 +124,8 @@ def init_params(config, setup: Setup, rng) -> dict:
     """Params created directly on their shardings: random init inside a jit with
     ``out_shardings``, or, with ``config.model.pretrained``, every leaf placed shard by shard
     from the safetensors file (heads the checkpoint lacks are initialised alone, from the same
-    key), or, with ``config.model.init_from``, from another run's last checkpoint; then the method's own leaves, which may depend on the pretrained weights (PiSSA,
-    CorDA...)."""
+    key), or, with ``config.model.init_from``, from another run's last checkpoint; then the
+    method's own leaves, which may depend on the pretrained weights (PiSSA, CorDA...)."""
     model_rng, method_rng = jax.random.split(rng)
     all_shardings = tree_lib.flatten(setup.param_shardings)
     model_shardings = tree_lib.unflatten(
@@ -148,8 +148,9 @@ def init_params(config, setup: Setup, rng) -> dict:
 
 
 def _params_from_run(workdir: str, shapes: dict, shardings: dict) -> dict:
-    """The model's leaves from another run's last checkpoint (its method's own leaves, if any,
-    are dropped), each checked against the model's shape and placed on its sharding."""
+    """The model's leaves from another run's last checkpoint, each checked against the model's
+    shape and placed on its sharding. The method's own leaves are dropped, so a run whose update
+    lives beside frozen leaves (LoRA, ``sparse``, S²FT) gives its base, not base + update."""
     saved = tree_lib.flatten(checkpoint.final_params(workdir))
     flat_shardings = tree_lib.flatten(shardings)
     placed = {}
