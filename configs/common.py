@@ -56,3 +56,26 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint = dict(every=200, keep=2)
     config.checkpoint["async"] = True
     return config
+
+
+def train_from_scratch(config, steps: int, learning_rate: float) -> None:
+    """The schedule of the small from-scratch runs: cosine with 5% warmup, weight decay on
+    matrices, one checkpoint at the end."""
+    config.train.steps = steps
+    config.train.log_every = 50
+    config.optim.learning_rate = learning_rate
+    config.optim.schedule = "cosine"
+    config.optim.warmup_steps = steps // 20
+    config.optim.weight_decay = ((".*/(kernel|embedding)", 0.01),)
+    config.checkpoint.every = steps
+    config.checkpoint.keep = 1
+
+
+def make_quick(config) -> None:
+    """A config's ``quick`` smoke test: four steps, checkpoints and a validation pass."""
+    config.train.steps = 4
+    config.train.log_every = 2
+    config.train.eval_every = 0
+    config.train.final_eval_splits = ("validation",)
+    config.optim.warmup_steps = 0
+    config.checkpoint.every = 2

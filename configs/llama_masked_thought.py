@@ -23,18 +23,7 @@ def get_config(arg: str | None = None):
     config.model.name = "llama_tiny_lm"
     config.train.batch_size = 32
     config.train.eval_batch_size = 64
-    config.train.steps = args.steps
-    config.train.log_every = 50
-    config.optim.learning_rate = args.lr
-    config.optim.schedule = "cosine"
-    config.optim.warmup_steps = args.steps // 20
-    config.optim.weight_decay = ((".*/(kernel|embedding)", 0.01),)
-    config.checkpoint.every = args.steps
-    config.checkpoint.keep = 1
+    common.train_from_scratch(config, args.steps, args.lr)
     if args.quick:
-        config.train.steps = 4
-        config.train.log_every = 2
-        config.train.final_eval_splits = ("validation",)
-        config.optim.warmup_steps = 0
-        config.checkpoint.every = 2
+        common.make_quick(config)
     return config

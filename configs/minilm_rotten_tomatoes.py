@@ -23,10 +23,5 @@ def get_config(arg: str | None = None):
     config.optim.warmup_steps = 25
     config.optim.weight_decay = ((".*/(kernel|embedding)", 0.01),)
     if args.quick:
-        config.train.steps = 4
-        config.train.log_every = 2
-        config.train.eval_every = 0
-        config.train.final_eval_splits = ("validation",)
-        config.optim.warmup_steps = 0
-        config.checkpoint.every = 2
+        common.make_quick(config)
     return config
