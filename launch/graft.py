@@ -19,22 +19,19 @@ import argparse
 import os
 import sys
 
+from launch.main import print_figure
+
 CONFIG = "configs/minilm_graft.py"
 QUICK_SHARDS = 16
 
 
+
 def _line(key: str, value) -> None:
-    if isinstance(value, float):
-        value = f"{value:.6g}"
-    print(f"{key}={value}", flush=True)
+    print_figure(key, value, ".6g")
 
 
 def _evaluator(config, quick: bool):
-    """``accuracy(params, split)`` for plain model params: the run's model with nothing to
-    train, so the state carries no optimizer statistics."""
-    import jax
-    import jax.numpy as jnp
-
+    """``accuracy(params, split)`` for plain model params, and the params the run starts from."""
     from research.train import loop
 
     config = config.copy_and_resolve_references()
@@ -48,11 +45,8 @@ def _evaluator(config, quick: bool):
     eval_step = loop.make_eval_step(setup)
 
     def accuracy(params, split: str) -> float:
-        state = {"step": jnp.zeros((), jnp.int32),
-                 "rng": jax.random.key_data(jax.random.key(0)), "trainable": {},
-                 "frozen": params, "opt_state": setup.tx.init({})}
-        state = jax.device_put(state, setup.state_shardings)
-        return loop.evaluate(config, setup, eval_step, state, split)[f"{split}/accuracy"]
+        metrics = loop.evaluate_params(config, setup, eval_step, params, split)
+        return metrics[f"{split}/accuracy"]
 
     def start() -> dict:
         return loop.init_params(config, setup, loop.init_key(config))

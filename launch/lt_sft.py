@@ -18,14 +18,13 @@ import argparse
 import os
 import sys
 
+from launch.main import print_figure
+
 CONFIG = "configs/minilm_lt_sft.py"
 TASKS = ("sentiment", "subjectivity")
 HEAD = r"classifier/.*"
 ENCODER = r"(?!classifier/).*"
 
-
-def _line(key: str, value) -> None:
-    print(f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}", flush=True)
 
 
 def densities(density: float, rounds: int) -> list[float]:
@@ -83,18 +82,18 @@ def experiment(root: str, density: float, rounds: int, finetuned: dict, quick: b
         tasks[name] = Task(f"task={name},density={density},rounds={rounds}", quick, CONFIG)
         deltas[name], scores = lt_sft(tasks[name], os.path.join(root, name), finetuned.get(name))
         for key, value in scores.items():
-            _line(f"lt_sft/{name}/{key}/test_accuracy", value)
-        _line(f"lt_sft/{name}/density", deltas[name].select(ENCODER).density)
+            print_figure(f"lt_sft/{name}/{key}/test_accuracy", value)
+        print_figure(f"lt_sft/{name}/density", deltas[name].select(ENCODER).density)
     base = tasks[TASKS[0]].pretrained()
     composed = {}
     for name, other in zip(TASKS, reversed(TASKS)):
         both = delta_lib.compose(deltas[name], deltas[other].select(ENCODER))
         composed[name] = tasks[name].accuracy(delta_lib.apply(base, both), "test")
-        _line(f"compose/{name}/alone_test_accuracy",
-              tasks[name].accuracy(delta_lib.apply(base, deltas[name]), "test"))
-        _line(f"compose/{name}/composed_test_accuracy", composed[name])
-    _line("headline", "composed θ0+φ_sentiment+φ_subjectivity test accuracy: "
-          + ", ".join(f"{name} {value:.4f}" for name, value in composed.items()))
+        print_figure(f"compose/{name}/alone_test_accuracy",
+                     tasks[name].accuracy(delta_lib.apply(base, deltas[name]), "test"))
+        print_figure(f"compose/{name}/composed_test_accuracy", composed[name])
+    print_figure("headline", "composed θ0+φ_sentiment+φ_subjectivity test accuracy: "
+                 + ", ".join(f"{name} {value:.4f}" for name, value in composed.items()))
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,11 @@ import sys
 USER_ERRORS = (ValueError, FileNotFoundError)
 
 
+def print_figure(key: str, value, spec: str = ".4f") -> None:
+    """One ``key=value`` line of a benchmark or experiment, floats formatted by ``spec``."""
+    print(f"{key}={value:{spec}}" if isinstance(value, float) else f"{key}={value}", flush=True)
+
+
 def run_command(fn, *args) -> int:
     """``fn(*args)`` as a command's exit status: 0, or 2 after one line for a user error."""
     try:

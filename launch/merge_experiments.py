@@ -29,6 +29,8 @@ import argparse
 import os
 import sys
 
+from launch.main import print_figure
+
 CONFIG = "configs/minilm_soup.py"
 SOUP = {f"sent_lr{lr}_s{seed}": f"lr={lr},seed={seed}"
         for lr in ("3e-5", "1e-4", "2e-4") for seed in (1, 2)}
@@ -81,7 +83,6 @@ class Task:
         self.model = loop.build_model(self.config)
         self.setup = loop.make_setup(self.config, self.model, int(self.config.train.steps))
         self.eval_step = loop.make_eval_step(self.setup)
-        self.template = None  # a state: the eval step's arguments carry its layout
 
     def restore(self, root: str, name: str) -> dict:
         """The final params of the finished run ``root/name`` (one of RUNS)."""
@@ -99,7 +100,6 @@ class Task:
             raise FileNotFoundError(f"run {workdir} has not finished its {steps} steps "
                                     "(train it first: python -m launch.merge_experiments)")
         state = restored[1]
-        self.template = self.template or state
         return tree.combine(state["trainable"], state["frozen"])
 
     def pretrained(self) -> dict:
@@ -109,18 +109,9 @@ class Task:
         return loop.init_params(self.config, self.setup, loop.init_key(self.config))
 
     def accuracy(self, params, split: str) -> float:
-        import jax
-
-        from research import tree
         from research.train import loop
 
-        if self.template is None:
-            self.template = loop.init_state(self.config, self.setup)
-        trainable, frozen = tree.split(params, self.setup.trainable)
-        shardings = self.setup.state_shardings
-        state = {**self.template, "trainable": jax.device_put(trainable, shardings["trainable"]),
-                 "frozen": jax.device_put(frozen, shardings["frozen"])}
-        metrics = loop.evaluate(self.config, self.setup, self.eval_step, state, split)
+        metrics = loop.evaluate_params(self.config, self.setup, self.eval_step, params, split)
         return metrics[f"{split}/accuracy"]
 
     def batches(self, split: str, limit: int | None = None) -> list[dict]:
@@ -156,11 +147,6 @@ class Task:
         return jax.nn.log_softmax(logits)
 
 
-def _line(key: str, value) -> None:
-    if isinstance(value, float):
-        value = f"{value:.4f}"
-    print(f"{key}={value}", flush=True)
-
 
 def _split_head(params) -> tuple[dict, dict]:
     """``(encoder, head)``: the classifier head and everything else."""
@@ -177,7 +163,7 @@ def soup_section(task: Task, root: str) -> None:
     scores = {split: [task.accuracy(m, split) for m in models] for split in SPLITS}
     for index, name in enumerate(names):
         for split in SPLITS:
-            _line(f"soup/{name}/{split}_accuracy", scores[split][index])
+            print_figure(f"soup/{name}/{split}_accuracy", scores[split][index])
 
     def validation(params):  # ingredients' scores are known; soups are evaluated
         known = [i for i, m in enumerate(models) if m is params]
@@ -186,14 +172,14 @@ def soup_section(task: Task, root: str) -> None:
     uniform = soups.uniform_soup(models)
     greedy, kept, log = soups.greedy_soup(models, validation)
     for index, score, was_kept in log["steps"][1:]:
-        _line(f"soup/greedy/tried_{names[index]}", f"{score:.4f} kept={was_kept}")
-    _line("soup/greedy/kept", ",".join(names[i] for i in kept))
+        print_figure(f"soup/greedy/tried_{names[index]}", f"{score:.4f} kept={was_kept}")
+    print_figure("soup/greedy/kept", ",".join(names[i] for i in kept))
     batches = task.batches("validation")
     learned, coefficients = soups.learned_soup(
         models, task.loss, batches, steps=max(1, LEARNED_SOUP["epochs"] * len(batches)),
         learning_rate=LEARNED_SOUP["learning_rate"])
     for group, weights in coefficients.items():
-        _line(f"soup/learned/coefficients/{group}", ",".join(f"{w:.3f}" for w in weights))
+        print_figure(f"soup/learned/coefficients/{group}", ",".join(f"{w:.3f}" for w in weights))
     # The greedy soup's validation score is the last one it kept.
     known = {("greedy", "validation"): max(score for _, score, was_kept in log["steps"]
                                            if was_kept)}
@@ -202,7 +188,7 @@ def soup_section(task: Task, root: str) -> None:
         accuracies = {split: known[name, split] if (name, split) in known
                       else task.accuracy(params, split) for split in SPLITS}
         for split, accuracy in accuracies.items():
-            _line(f"soup/{name}/{split}_accuracy", accuracy)
+            print_figure(f"soup/{name}/{split}_accuracy", accuracy)
         test[name] = accuracies["test"]
     # Accuracy against the number of ingredients: uniform soups of the k best on validation.
     order = sorted(range(len(models)), key=lambda i: -scores["validation"][i])
@@ -210,13 +196,14 @@ def soup_section(task: Task, root: str) -> None:
         accuracy = (scores["test"][order[0]] if k == 1 else test["uniform"] if k == len(models)
                     else task.accuracy(soups.uniform_soup([models[i] for i in order[:k]]),
                                        "test"))
-        _line(f"soup/uniform_top{k}/test_accuracy", accuracy)
+        print_figure(f"soup/uniform_top{k}/test_accuracy", accuracy)
     best = max(range(len(models)), key=lambda i: scores["test"][i])
-    _line("soup/best_single/name", names[best])
-    _line("soup/best_single/test_accuracy", scores["test"][best])
-    _line("soup/best_on_validation/test_accuracy", scores["test"][order[0]])
-    _line("soup/headline", f"test accuracy: best single {scores['test'][best]:.4f}, uniform "
-          f"{test['uniform']:.4f}, greedy {test['greedy']:.4f}, learned {test['learned']:.4f}")
+    print_figure("soup/best_single/name", names[best])
+    print_figure("soup/best_single/test_accuracy", scores["test"][best])
+    print_figure("soup/best_on_validation/test_accuracy", scores["test"][order[0]])
+    print_figure("soup/headline", f"test accuracy: best single {scores['test'][best]:.4f}, "
+                 f"uniform {test['uniform']:.4f}, greedy {test['greedy']:.4f}, "
+                 f"learned {test['learned']:.4f}")
 
 
 def points_section(task: Task, root: str) -> None:
@@ -226,16 +213,16 @@ def points_section(task: Task, root: str) -> None:
     models = [task.restore(root, name) for name in names]
     test = [task.accuracy(m, "test") for m in models]
     for name, accuracy in zip(names, test):
-        _line(f"points/{name}/test_accuracy", accuracy)
+        print_figure(f"points/{name}/test_accuracy", accuracy)
     results = {}
     for kind in soups.SOUPS:
         soup, kept = soups.dataset_soup(
             models, soup=kind, score_fn=lambda p: task.accuracy(p, "validation"))
         results[kind] = task.accuracy(soup, "test")
-        _line(f"points/dataset_soup_{kind}/kept", ",".join(names[i] for i in kept))
-        _line(f"points/dataset_soup_{kind}/test_accuracy", results[kind])
-    _line("points/headline", f"test accuracy: best mixture {max(test):.4f}, dataset soup greedy "
-          f"{results['greedy']:.4f}, uniform {results['uniform']:.4f}")
+        print_figure(f"points/dataset_soup_{kind}/kept", ",".join(names[i] for i in kept))
+        print_figure(f"points/dataset_soup_{kind}/test_accuracy", results[kind])
+    print_figure("points/headline", f"test accuracy: best mixture {max(test):.4f}, dataset "
+                 f"soup greedy {results['greedy']:.4f}, uniform {results['uniform']:.4f}")
 
 
 def _merged_encoders(tasks: list[Task], models: list[dict], base: dict) -> dict[str, dict]:
@@ -260,7 +247,7 @@ def _merged_encoders(tasks: list[Task], models: list[dict], base: dict) -> dict[
     totals = [sum(float(leaf.sum()) for leaf in tree.flatten(f).values()) / tree.count(f)
               for f in fishers]
     for total, name in zip(totals, TWO_TASK):
-        _line(f"two_task/fisher/{name}_mean_fisher", f"{total:.3e}")
+        print_figure(f"two_task/fisher/{name}_mean_fisher", f"{total:.3e}")
     merged["fisher_mean1"] = fisher.fisher_merge(
         encoders, [tree.scale(f, 1.0 / t) for f, t in zip(fishers, totals)])
     return merged
@@ -279,9 +266,9 @@ def two_task_section(tasks: list[Task], root: str, base: dict) -> None:
         scores = [task.accuracy(tree.combine(encoder, head), "test")
                   for task, head in zip(tasks, heads)]
         for name, accuracy in zip(TWO_TASK, scores):
-            _line(f"two_task/{method}/{name}_test_accuracy", accuracy)
+            print_figure(f"two_task/{method}/{name}_test_accuracy", accuracy)
         summary.append(f"{method} {scores[0]:.4f}/{scores[1]:.4f}")
-    _line("two_task/headline", f"test accuracy {'/'.join(TWO_TASK)}: " + ", ".join(summary))
+    print_figure("two_task/headline", f"test accuracy {'/'.join(TWO_TASK)}: " + ", ".join(summary))
 
 
 def portllm_section(tasks: list[Task], root: str, base: dict) -> None:
@@ -299,10 +286,10 @@ def portllm_section(tasks: list[Task], root: str, base: dict) -> None:
                "original": tuned}
     test = {name: sentiment.accuracy(params, "test") for name, params in results.items()}
     for name, accuracy in test.items():
-        _line(f"portllm/{name}/{TWO_TASK[0]}_test_accuracy", accuracy)
-    _line("portllm/headline", f"{TWO_TASK[0]} test accuracy: new base alone "
-          f"{test['new_base']:.4f}, ported patch {test['ported']:.4f}, original fine-tune "
-          f"{test['original']:.4f}")
+        print_figure(f"portllm/{name}/{TWO_TASK[0]}_test_accuracy", accuracy)
+    print_figure("portllm/headline", f"{TWO_TASK[0]} test accuracy: new base alone "
+                 f"{test['new_base']:.4f}, ported patch {test['ported']:.4f}, original fine-tune "
+                 f"{test['original']:.4f}")
 
 
 def evaluate_all(root: str, sections=SECTIONS, quick: bool = False) -> None:

@@ -29,6 +29,8 @@ import os
 import re
 import sys
 
+from launch.main import print_figure
+
 DENSITIES = (0.5, 0.3, 0.1)
 VIT_RUNS = {"full": "configs/vit_mnist5k.py", "sparse_reg": "configs/vit_sparse_reg.py"}
 FINERCUT_RUN = "sent_lr1e-4_s1"
@@ -36,31 +38,18 @@ REMOVALS, CALIBRATION = (1, 2, 4), 256
 QUICK_REMOVALS, QUICK_CALIBRATION = (1,), 32
 
 
-def _line(key: str, value) -> None:
-    if isinstance(value, float):
-        value = f"{value:.4f}"
-    print(f"{key}={value}", flush=True)
-
 
 def accuracy_fn(config, model):
     """``accuracy(params, split)`` of ``model`` under ``config``'s data and evaluation, compiled
     once per model."""
-    import jax
-    import jax.numpy as jnp
-
-    from research import tree
     from research.train import loop
 
     setup = loop.make_setup(config, model, int(config.train.steps))
     eval_step = loop.make_eval_step(setup)
 
     def accuracy(params, split: str) -> float:
-        trainable, frozen = tree.split(params, setup.trainable)
-        # The eval step takes a whole train state; the optimizer's part is never read.
-        state = {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0)),
-                 "trainable": trainable, "frozen": frozen, "opt_state": setup.tx.init(trainable)}
-        state = jax.device_put(state, setup.state_shardings)
-        return loop.evaluate(config, setup, eval_step, state, split)[f"{split}/accuracy"]
+        metrics = loop.evaluate_params(config, setup, eval_step, params, split)
+        return metrics[f"{split}/accuracy"]
     return accuracy
 
 
@@ -97,14 +86,14 @@ def vit(root: str, full_run: str | None, sparse_arg: str, scope: str, quick: boo
         config, params = trained(f"{config_file}:{args[name]}", workdirs[name])
         # Both runs are the same ViT, so one compiled evaluation serves them.
         accuracy = accuracy or accuracy_fn(config, loop.build_model(config))
-        _line(f"vit/{name}/test_accuracy", accuracy(params, "test"))
+        print_figure(f"vit/{name}/test_accuracy", accuracy(params, "test"))
         kernels = np.concatenate([np.abs(np.asarray(v)).ravel() for p, v in
                                   tree.flatten(params).items()
                                   if re.fullmatch(prune.BLOCK_KERNELS, p)])
-        _line(f"vit/{name}/kernel_share_below_1e-3", float(np.mean(kernels < 1e-3)))
+        print_figure(f"vit/{name}/kernel_share_below_1e-3", float(np.mean(kernels < 1e-3)))
         for density in DENSITIES:
             pruned, _ = prune.magnitude_prune(params, prune.block_kernels(density), scope=scope)
-            _line(f"vit/{name}/magnitude_d{density}/test_accuracy", accuracy(pruned, "test"))
+            print_figure(f"vit/{name}/magnitude_d{density}/test_accuracy", accuracy(pruned, "test"))
 
 
 def finercut(merge_root: str, criterion: str, quick: bool) -> None:
@@ -125,19 +114,21 @@ def finercut(merge_root: str, criterion: str, quick: bool) -> None:
     order = finercut_lib.finercut(task.model, params, calibration, count=max(removals),
                                   criterion=criterion)
     total = tree.count(params)
-    _line("finercut/params", total)
-    _line("finercut/original/test_accuracy", accuracy_fn(task.config, task.model)(params, "test"))
+    print_figure("finercut/params", total)
+    print_figure("finercut/original/test_accuracy",
+                 accuracy_fn(task.config, task.model)(params, "test"))
     for step in order:
-        _line(f"finercut/order/{step.sublayer}",
-              f"js={step.js:.5f} loss={step.loss:.4f} error={step.error:.4f}")
+        print_figure(f"finercut/order/{step.sublayer}",
+                     f"js={step.js:.5f} loss={step.loss:.4f} error={step.error:.4f}")
     for count in removals:
         pruned, smaller = finercut_lib.prune(params, task.model,
                                              [s.sublayer for s in order[:count]])
-        _line(f"finercut/k{count}/removed", ",".join(smaller.config.removed_sublayers))
-        _line(f"finercut/k{count}/params_removed", total - tree.count(pruned))
-        _line(f"finercut/k{count}/params_removed_share", (total - tree.count(pruned)) / total)
-        _line(f"finercut/k{count}/test_accuracy",
-              accuracy_fn(task.config, smaller)(pruned, "test"))
+        print_figure(f"finercut/k{count}/removed", ",".join(smaller.config.removed_sublayers))
+        print_figure(f"finercut/k{count}/params_removed", total - tree.count(pruned))
+        print_figure(f"finercut/k{count}/params_removed_share",
+                     (total - tree.count(pruned)) / total)
+        print_figure(f"finercut/k{count}/test_accuracy",
+                     accuracy_fn(task.config, smaller)(pruned, "test"))
 
 
 def main(argv=None) -> int:

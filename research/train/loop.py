@@ -286,11 +286,13 @@ def make_train_step(setup: Setup, grad_accum: int = 1, rng_impl: str = "unsafe_r
 
 
 def make_eval_step(setup: Setup):
-    def step(state, batch):
-        return _forward_sums(setup, state["trainable"], state["frozen"], batch,
+    """Summed metrics of ``{"trainable": ..., "frozen": ...}`` params on a batch (the state's
+    other parts are not needed, so plain params evaluate without an optimizer state)."""
+    def step(params, batch):
+        return _forward_sums(setup, params["trainable"], params["frozen"], batch,
                              jax.random.key(0), training=False)[0]
-    return jax.jit(_under_rules(setup, step),
-                   in_shardings=(setup.state_shardings, _batch_sharding(setup)))
+    shardings = {part: setup.state_shardings[part] for part in ("trainable", "frozen")}
+    return jax.jit(_under_rules(setup, step), in_shardings=(shardings, _batch_sharding(setup)))
 
 
 def _under_rules(setup: Setup, fn):
@@ -348,13 +350,24 @@ def _pad_rows(batch: dict, rows: int) -> dict:
 
 
 def evaluate(config, setup: Setup, eval_step, state, split: str) -> dict:
+    """Mean metrics of the state's params on ``split``."""
+    params = {"trainable": state["trainable"], "frozen": state["frozen"]}
     batch_size = config.train.get("eval_batch_size", config.train.batch_size)
     local_rows = local_batch_size(batch_size)
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     for batch in make_loader(config, split, training=False, batch_size=batch_size):
-        sums = eval_step(state, global_batch(setup, _pad_rows(batch, local_rows)))
+        sums = eval_step(params, global_batch(setup, _pad_rows(batch, local_rows)))
         totals = {k: totals[k] + float(sums[k]) for k in totals}
     return {f"{split}/{k}": v for k, v in tasks.means(totals).items()}
+
+
+def evaluate_params(config, setup: Setup, eval_step, params: dict, split: str) -> dict:
+    """:func:`evaluate` for a plain params tree (a merge, a graft, a pruned model), split and
+    placed as the run's state would hold it."""
+    trainable, frozen = tree_lib.split(params, setup.trainable)
+    placed = jax.device_put({"trainable": trainable, "frozen": frozen},
+                            {part: setup.state_shardings[part] for part in ("trainable", "frozen")})
+    return evaluate(config, setup, eval_step, placed, split)
 
 
 # ---------------------------------------------------------------------------------------------
