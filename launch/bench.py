@@ -161,8 +161,14 @@ def bench_masks() -> None:
     run()
 
 
+def bench_fusion() -> None:
+    from launch.bench_fusion import main as run
+    run([])
+
+
 BENCHMARKS = {"train_step": bench_train_step, "lora": bench_lora,
-              "lora_variants": bench_lora_variants, "merge": bench_merge, "masks": bench_masks}
+              "lora_variants": bench_lora_variants, "merge": bench_merge, "masks": bench_masks,
+              "fusion": bench_fusion}
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("name", ["train_step_by_step.ipynb", "lora_quickstart.ipynb",
-                                  "soups_and_merging.ipynb", "sparse_finetuning.ipynb"])
+                                  "soups_and_merging.ipynb", "sparse_finetuning.ipynb",
+                                  "ot_fusion.ipynb"])
 def test_notebook_runs(name, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("SCION_DATA_DIR", str(tmp_path / "data"))
