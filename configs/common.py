@@ -79,3 +79,32 @@ def make_quick(config) -> None:
     config.train.final_eval_splits = ("validation",)
     config.optim.warmup_steps = 0
     config.checkpoint.every = 2
+
+
+def fusion_experiment(parent: str, name: str, runs: str, quick: bool, *, metrics: tuple,
+                      select: str, activations: dict,
+                      finetune_steps: int) -> ml_collections.ConfigDict:
+    """What ``launch/fusion_experiments.py`` reads: parents ``parent`` (a training config) with
+    seeds 0 and 1 in ``{runs}_s0`` and ``{runs}_s1``, the OT variants and their epsilon grid,
+    ablations, curves and the fine-tune (``finetune_steps``: 10% of a parent's). ``quick``
+    shrinks everything to a smoke test."""
+    suffix, prefix = (",quick", "quick_") if quick else ("", "")
+    config = ml_collections.ConfigDict()
+    config.name = name
+    config.parent = parent
+    # (workdir under the root, argument string): model A first, the anchor of every alignment.
+    config.runs = tuple((f"{prefix}{runs}_s{seed}", f"seed={seed}{suffix}") for seed in (0, 1))
+    config.metrics = metrics
+    config.select = select  # what validation choices optimise (epsilon, best variant)
+    # Quick: evaluate on a sixteenth of each split (the whole experiment evaluates ~80 times).
+    config.eval_shards = 16 if quick else 1
+    config.activations = activations
+    config.variants = {f"ot_{cost}_{solver}": dict(cost=cost, solver=solver)
+                       for cost in ("weights", "activations") for solver in ("exact", "sinkhorn")}
+    config.epsilons = (0.05,) if quick else (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
+    config.residual_policies = ("average", "incoming", 0.75)
+    config.curve_points = 2 if quick else 11
+    config.finetune = dict(arg="seed=0,quick" if quick else f"seed=0,steps={finetune_steps}",
+                           dir=f"{prefix}{runs}_finetune")
+    config.headline = "ot_activations_sinkhorn"  # OT soft, over vanilla, on test
+    return config
