@@ -72,17 +72,6 @@ class Spec:
     steps: tuple[Units | Heads | Residual, ...]
     axes: dict[str, tuple[str | None, ...]]
 
-    def map_names(self) -> tuple[str, ...]:
-        names = []
-        for step in self.steps:
-            if isinstance(step, Heads):
-                names += [step.qk, step.vo]
-            elif isinstance(step, Residual):
-                names += [step.out.name, step.name]
-            else:
-                names.append(step.name)
-        return tuple(names)
-
 
 def output(captured: dict, path: str):
     """The output a module (``path``, '/'-separated) returned under ``capture_intermediates``."""
