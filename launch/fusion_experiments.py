@@ -35,7 +35,7 @@ import sys
 import time
 from typing import NamedTuple
 
-from launch.main import print_figure
+from launch.main import print_figure, trained
 
 SPLITS = ("validation", "test")
 
@@ -107,34 +107,6 @@ def _finished_steps(workdir: str) -> int | None:
     step = manager.latest_step()
     manager.close()
     return step
-
-
-def train_parents(config, root: str) -> None:
-    """Each parent trained in ``root/NAME``; finished runs are skipped."""
-    from research.train import config as config_lib
-    from research.train import loop
-
-    for name, arg in config.runs:
-        run_config = config_lib.load(f"{config.parent}:{arg}")
-        workdir = os.path.join(root, name)
-        if _finished_steps(workdir) == int(run_config.train.steps):
-            continue
-        print(f"--- {name}: {config.parent}:{arg}", flush=True)
-        loop.train(run_config, workdir)
-
-
-def restore_parents(config, root: str) -> list[dict]:
-    from research.train import checkpoint
-    from research.train import config as config_lib
-
-    parents = []
-    for name, arg in config.runs:
-        workdir = os.path.join(root, name)
-        steps = int(config_lib.load(f"{config.parent}:{arg}").train.steps)
-        if _finished_steps(workdir) != steps:
-            raise FileNotFoundError(f"parent run {workdir} has not finished its {steps} steps")
-        parents.append(checkpoint.final_params(workdir))
-    return parents
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +254,8 @@ def run(config, root: str) -> None:
 
     name = config.name
     exp = Experiment(config, root)
-    parents = restore_parents(config, root)
+    parents = [trained(f"{config.parent}:{arg}", os.path.join(root, name))[1]
+               for name, arg in config.runs]
     a, b = parents
     parent_results = {run_name: exp.report(f"parent/{run_name}", params)
                       for (run_name, _), params in zip(config.runs, parents)}
@@ -342,9 +315,7 @@ def main(argv=None) -> int:
     if args.quick:
         spec += "," if ":" in spec else ":"
         spec += "quick"
-    config = config_lib.load(spec)
-    train_parents(config, args.root)
-    return run_command(run, config, args.root)
+    return run_command(run, config_lib.load(spec), args.root)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,21 @@ def run_command(fn, *args) -> int:
     return 0
 
 
+def trained(spec: str, workdir: str):
+    """``(config, params)`` of the run of ``spec`` in ``workdir``, trained first unless done."""
+    from research.train import checkpoint, loop
+    from research.train import config as config_lib
+
+    config = config_lib.load(spec)
+    manager = checkpoint.make_manager(workdir)
+    step = manager.latest_step()
+    manager.close()
+    if step != int(config.train.steps):
+        print(f"--- training {spec} in {workdir}", flush=True)
+        loop.train(config, workdir)
+    return config, checkpoint.final_params(workdir)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m launch.main", description=__doc__)
     parser.add_argument("--config", required=True, help="configs/NAME.py[:args]")

@@ -29,7 +29,7 @@ import os
 import re
 import sys
 
-from launch.main import print_figure
+from launch.main import print_figure, trained
 
 DENSITIES = (0.5, 0.3, 0.1)
 VIT_RUNS = {"full": "configs/vit_mnist5k.py", "sparse_reg": "configs/vit_sparse_reg.py"}
@@ -51,21 +51,6 @@ def accuracy_fn(config, model):
         metrics = loop.evaluate_params(config, setup, eval_step, params, split)
         return metrics[f"{split}/accuracy"]
     return accuracy
-
-
-def trained(spec: str, workdir: str):
-    """``(config, params)`` of the run of ``spec`` in ``workdir``, trained first unless done."""
-    from research.train import checkpoint, loop
-    from research.train import config as config_lib
-
-    config = config_lib.load(spec)
-    manager = checkpoint.make_manager(workdir)
-    step = manager.latest_step()
-    manager.close()
-    if step != int(config.train.steps):
-        print(f"--- training {spec} in {workdir}", flush=True)
-        loop.train(config, workdir)
-    return config, checkpoint.final_params(workdir)
 
 
 def vit(root: str, full_run: str | None, sparse_arg: str, scope: str, quick: bool) -> None:
