@@ -8,9 +8,6 @@ and bytes come from XLA's deterministic ``cost_analysis()`` and ``memory_analysi
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import time
 
@@ -78,34 +75,10 @@ def minilm_batch(setup):
     return loop.global_batch(setup, batch)
 
 
-def train_step_memory(devices: int) -> dict:
-    """Per-device bytes of the compiled FSDP step: parameters + optimizer state (arguments)."""
-    import jax
-
-    from research.train import loop
-
-    assert jax.device_count() == devices, (jax.device_count(), devices)
-    config, setup = minilm_setup({"fsdp": devices})
-    state_shapes = setup.abstract_state
-    batch = minilm_batch(setup)
-    compiled = loop.make_train_step(setup).lower(state_shapes, batch).compile()
-    memory = compiled.memory_analysis()
-    batch_bytes = sum(x.nbytes for x in batch.values()) // devices
-    return {"argument_bytes": int(memory.argument_size_in_bytes) - batch_bytes,
-            "temp_bytes": int(memory.temp_size_in_bytes)}
-
-
-def _in_subprocess(devices: int) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    out = subprocess.run([sys.executable, "-m", "launch.bench", "train_step_memory",
-                          "--devices", str(devices)], env=env, capture_output=True, text=True,
-                         check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def bench_train_step() -> None:
     import jax
 
+    from launch.bench_sharding import in_subprocess
     from research.train import loop
 
     matmul, matmul_flops = matmul_rate()
@@ -126,7 +99,7 @@ def bench_train_step() -> None:
         peak_seconds = min(peak_seconds, _best_seconds(matmul, 3))
         step_seconds = min(step_seconds, _best_seconds(one_step, 2))
     peak = matmul_flops / peak_seconds
-    memory = {n: _in_subprocess(n) for n in (1, 8)}
+    memory = {n: in_subprocess(n, ("minilm",), ("fsdp",))["minilm"]["fsdp"] for n in (1, 8)}
     print(f"backend={jax.default_backend()}")
     print(f"matmul_peak_gflops={peak / 1e9:.1f}")
     print(f"step_gflop={flops / 1e9:.2f}")
@@ -134,9 +107,10 @@ def bench_train_step() -> None:
     print(f"step_gflops_per_s={flops / step_seconds / 1e9:.1f}")
     print(f"tokens_per_s={MINILM_BATCH * MINILM_LENGTH / step_seconds:.0f}")
     for n, figures in memory.items():
-        print(f"param_opt_bytes_per_device_{n}dev={figures['argument_bytes']}")
-        print(f"temp_bytes_per_device_{n}dev={figures['temp_bytes']}")
-    fsdp_ratio = memory[8]["argument_bytes"] / memory[1]["argument_bytes"]
+        print(f"param_opt_bytes_per_device_{n}dev={figures['params'] + figures['opt']}")
+        print(f"temp_bytes_per_device_{n}dev={figures['temp']}")
+    fsdp_ratio = ((memory[8]["params"] + memory[8]["opt"])
+                  / (memory[1]["params"] + memory[1]["opt"]))
     print(f"fsdp8_over_1dev_bytes={fsdp_ratio:.4f}")
     print(f"step_flops_per_s_over_matmul_peak={flops / step_seconds / peak:.3f}")
 
@@ -166,19 +140,20 @@ def bench_fusion() -> None:
     run([])
 
 
+def bench_sharding() -> None:
+    from launch.bench_sharding import main as run
+    run([])
+
+
 BENCHMARKS = {"train_step": bench_train_step, "lora": bench_lora,
               "lora_variants": bench_lora_variants, "merge": bench_merge, "masks": bench_masks,
-              "fusion": bench_fusion}
+              "fusion": bench_fusion, "sharding": bench_sharding}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.bench")
     parser.add_argument("name", help=f"one of {sorted(BENCHMARKS)}")
-    parser.add_argument("--devices", type=int, default=1)
     args = parser.parse_args(argv)
-    if args.name == "train_step_memory":  # helper run in a subprocess with N fake devices
-        print(json.dumps(train_step_memory(args.devices)))
-        return 0
     if args.name not in BENCHMARKS:
         print(f"error: benchmark {args.name!r} is not one of {sorted(BENCHMARKS)}", file=sys.stderr)
         return 2

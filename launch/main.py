@@ -3,6 +3,10 @@
 Any config key can be overridden with ``--config.key=value``. Mistakes in what the user gave
 (an unknown key, a dataset or model that does not exist, a missing file, a checkpoint of another
 model, a rule matching nothing) end with one line naming the problem, not a traceback.
+
+The same command is every process of a multi-host run (``launch.distributed`` flags; the local,
+TPU and SLURM launchers start it). Exit status: 0 when done or preempted (SIGTERM: the state is
+saved, rerun to resume), 2 for bad input, 1 when the run stopped itself (a non-finite loss).
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from launch import distributed
 
 USER_ERRORS = (ValueError, FileNotFoundError)
 
@@ -44,10 +50,19 @@ def trained(spec: str, workdir: str):
     return config, checkpoint.final_params(workdir)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes (a missing or unknown flag, a bad value) are one line."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m launch.main", description=__doc__)
+    parser = Parser(prog="python -m launch.main", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="configs/NAME.py[:args]")
     parser.add_argument("--workdir", required=True, help="checkpoints and metrics; reruns resume")
+    distributed.add_flags(parser)
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for item in rest:
@@ -63,15 +78,22 @@ def main(argv=None) -> int:
     from research.train import loop
 
     try:
+        if distributed.wanted(args):
+            distributed.initialize(args)
         config = config_lib.load(args.config, overrides)
         results = loop.train(config, args.workdir)
     except USER_ERRORS as err:
         message = err.args[0] if err.args else repr(err)
         print(f"error: {message}", file=sys.stderr)
         return 2
-    print(json.dumps(results))
-    for key, value in results.items():
-        print(f"{key}={value:.4f}")
+    except loop.RunStopped as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    import jax
+    if jax.process_index() == 0:
+        print(json.dumps(results))
+        for key, value in results.items():
+            print_figure(key, value)
     return 0
 
 

@@ -1,5 +1,5 @@
-"""Test session setup: 8 fake CPU devices (before JAX starts), single-threaded LAPACK and
-float32 matmuls."""
+"""Test session setup: 8 fake CPU devices (before JAX starts), single-threaded LAPACK,
+float32 matmuls and a persistent compilation cache."""
 
 import os
 
@@ -10,4 +10,9 @@ os.environ.setdefault("MPLCONFIGDIR", os.path.join(os.path.dirname(__file__), ".
 
 import jax  # noqa: E402
 
+from tests.cli_runs import COMPILATION_CACHE  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
+# Many tests build the same tiny programs: JAX's persistent cache compiles each once.
+jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

@@ -184,10 +184,59 @@ def test_same_seed_same_order_other_seed_other_order(data_dir):
     assert unshuffled != order(3)
 
 
-def test_default_shard_is_this_jax_process(data_dir):
+def test_default_process_is_this_jax_process(data_dir):
     loader = data.make_loader("digits", "validation", batch_size=16, data_dir=data_dir)
-    explicit = batches("digits", "validation", data_dir)
+    explicit = batches("digits", "validation", data_dir, process_index=0, process_count=1)
     assert digit_keys([next(iter(loader))]) == digit_keys([next(explicit)])
+
+
+def test_processes_read_their_rows_of_the_same_global_batches(data_dir):
+    """Process p of P reads rows [p·B/P, (p+1)·B/P) of every global batch, across epochs."""
+    whole = batches("digits", "train", data_dir, batch_size=8, seed=3)
+    halves = [batches("digits", "train", data_dir, batch_size=8, seed=3, process_index=p,
+                      process_count=2) for p in range(2)]
+    for _ in range(190):  # 1437 records: past the first epoch
+        np.testing.assert_array_equal(next(whole)["image"], np.concatenate(
+            [next(half)["image"] for half in halves]))
+
+
+def test_a_stream_restarts_at_any_global_batch_on_any_process_count(data_dir):
+    whole = batches("digits", "train", data_dir, batch_size=8, seed=3)
+    for _ in range(185):
+        next(whole)
+    late = batches("digits", "train", data_dir, batch_size=8, seed=3, start_batch=185,
+                   process_index=1, process_count=2)
+    for _ in range(5):
+        np.testing.assert_array_equal(next(late)["image"], next(whole)["image"][4:])
+
+
+def test_global_batch_records_name_the_examples_of_the_batch(data_dir):
+    loader = data.make_loader("digits", "train", batch_size=8, seed=3, data_dir=data_dir,
+                              prefetch=0, process_index=0, process_count=1)
+    source, _ = data.data_source("digits", "train", data_dir)
+    stream = iter(loader)
+    for batch in range(3):
+        images = next(stream)["image"]
+        stored = [source[r]["image"] for r in loader.sampler.batch_records(batch)]
+        np.testing.assert_array_equal(np.round(images * 16), np.asarray(stored, np.float32))
+
+
+def test_evaluation_pads_the_last_global_batch_and_marks_the_padding(data_dir):
+    """180 validation examples in global batches of 64 over 2 processes: 3 batches each, and
+    the real rows cover the split exactly once."""
+    seen = []
+    for process in range(2):
+        loader = data.make_loader("digits", "validation", batch_size=64, shuffle=False,
+                                  num_epochs=1, drop_remainder=False, pad_remainder=True,
+                                  data_dir=data_dir, prefetch=0, process_index=process,
+                                  process_count=2)
+        rows = list(loader)
+        assert [len(b["label"]) for b in rows] == [32, 32, 32]
+        assert [int(loader.valid(i).sum()) for i in range(3)] == [32, 32, 20 if process else 32]
+        seen += digit_keys([{"image": b["image"][loader.valid(i) == 1]}
+                            for i, b in enumerate(rows)])
+    assert sorted(seen) == sorted(digit_keys([{"image": np.asarray(
+        [e["image"] / 16 for e in examples("digits", "validation", data_dir)])}]))
 
 
 def test_epochs_reshuffle_and_cover_the_split(data_dir):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import time
 from typing import Any
 
@@ -26,7 +27,7 @@ from research import methods
 from research import models
 from research import tree as tree_lib
 from research.models import hf
-from research.train import checkpoint, optim, sharding, tasks
+from research.train import checkpoint, optim, preemption, sharding, tasks
 from research.train.metrics import MetricWriter
 
 
@@ -91,7 +92,10 @@ def make_setup(config, model, total_steps: int, devices=None) -> Setup:
     shapes = jax.eval_shape(method.init, jax.random.key(0), model_shapes, stats_shapes)
     logical = method.logical_axes(model_logical, shapes)
     rules = tuple(tuple(rule) for rule in config.sharding.rules)
-    mesh = sharding.make_mesh(dict(config.mesh), devices)
+    try:
+        mesh = sharding.make_mesh(dict(config.mesh), devices)
+    except ValueError as err:
+        raise ValueError(f"config.mesh: {err}") from None
     trainable_patterns = config.optim.get("trainable", None)
     trainable = optim.trainable_mask(
         shapes, config.optim.get("frozen", ()),
@@ -275,10 +279,23 @@ def make_train_step(setup: Setup, grad_accum: int = 1, rng_impl: str = "unsafe_r
                 lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
             (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
             grads = jax.tree.map(lambda g: g / grad_accum, grads)
-        updates, opt_state = setup.tx.update(grads, state["opt_state"], state["trainable"])
+        grad_norm = optax.tree.norm(grads)
+        # A step whose loss or gradients are not finite changes nothing but the step counter
+        # (its batch is consumed); the run then stops or counts it (``config.train.nonfinite``).
+        # A cond, not a where over the trees: no second copy of params and optimizer state.
+        finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+
+        def update(trainable, opt_state):
+            updates, opt_state = setup.tx.update(grads, opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state
+
+        trainable, opt_state = jax.lax.cond(finite, update, lambda *unchanged: unchanged,
+                                            state["trainable"], state["opt_state"])
         new_state = {**state, "step": state["step"] + 1, "opt_state": opt_state,
-                     "trainable": optax.apply_updates(state["trainable"], updates)}
-        return new_state, {**sums, "grad_norm": optax.tree.norm(grads)}
+                     "trainable": trainable}
+        metrics = jax.tree.map(lambda x: jnp.where(finite, x, 0.0),
+                               {**sums, "grad_norm": grad_norm})
+        return new_state, {**metrics, "nonfinite": 1 - finite.astype(jnp.int32)}
 
     with_rules = _under_rules(setup, step)
     return jax.jit(with_rules, in_shardings=(setup.state_shardings, _batch_sharding(setup)),
@@ -321,42 +338,33 @@ def global_batch(setup: Setup, local_batch: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def local_batch_size(batch_size: int) -> int:
-    if batch_size % jax.process_count():
-        raise ValueError(f"config.train.batch_size={batch_size} does not divide over "
-                         f"{jax.process_count()} processes")
-    return batch_size // jax.process_count()
-
-
-def make_loader(config, split: str, *, training: bool, batch_size: int):
+def make_loader(config, split: str, *, training: bool, batch_size: int, start_batch: int = 0,
+                pad_remainder: bool = False):
     """``config.data.options`` apply to every split; ``config.data.train_options`` (a training
-    subset, say) to the training stream only, so evaluation always sees the whole split."""
+    subset, say) to the training stream only, so evaluation always sees the whole split. An
+    evaluation stream's last global batch is short, or padded (see ``Loader.valid``)."""
     options = dict(config.data.get("options", {}))
     if training:
         options.update(config.data.get("train_options") or {})
+    if batch_size % jax.process_count():
+        raise ValueError(f"batch size {batch_size} (config.train.batch_size or eval_batch_size) "
+                         f"does not divide over {jax.process_count()} processes")
     return data_lib.make_loader(
-        config.data.name, split, batch_size=local_batch_size(batch_size),
-        seed=config.seed, shuffle=training, num_epochs=None if training else 1,
-        drop_remainder=training, data_dir=config.data.get("data_dir"), **options)
-
-
-def _pad_rows(batch: dict, rows: int) -> dict:
-    """Pad a short final evaluation batch to full size, marking the padding ``valid=0``."""
-    n = len(next(iter(batch.values())))
-    padded = {k: np.concatenate([v, np.zeros((rows - n, *v.shape[1:]), v.dtype)])
-              for k, v in batch.items()}
-    padded["valid"] = (np.arange(rows) < n).astype(np.int32)
-    return padded
+        config.data.name, split, batch_size=batch_size, seed=config.seed, shuffle=training,
+        num_epochs=None if training else 1, start_batch=start_batch, drop_remainder=training,
+        pad_remainder=pad_remainder, data_dir=config.data.get("data_dir"), **options)
 
 
 def evaluate(config, setup: Setup, eval_step, state, split: str) -> dict:
     """Mean metrics of the state's params on ``split``."""
     params = {"trainable": state["trainable"], "frozen": state["frozen"]}
     batch_size = config.train.get("eval_batch_size", config.train.batch_size)
-    local_rows = local_batch_size(batch_size)
+    # Padded, so that every process runs the same number of steps.
+    loader = make_loader(config, split, training=False, batch_size=batch_size,
+                         pad_remainder=True)
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in make_loader(config, split, training=False, batch_size=batch_size):
-        sums = eval_step(params, global_batch(setup, _pad_rows(batch, local_rows)))
+    for index, batch in enumerate(loader):
+        sums = eval_step(params, global_batch(setup, {**batch, "valid": loader.valid(index)}))
         totals = {k: totals[k] + float(sums[k]) for k in totals}
     return {f"{split}/{k}": v for k, v in tasks.means(totals).items()}
 
@@ -375,14 +383,46 @@ def evaluate_params(config, setup: Setup, eval_step, params: dict, split: str) -
 # ---------------------------------------------------------------------------------------------
 
 
+NONFINITE = ("stop", "skip")
+
+
+class RunStopped(RuntimeError):
+    """The run stopped itself (a non-finite loss); the message says where, and the last good
+    checkpoint is kept."""
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _nonfinite_stop(config, workdir: str, sampler, batch: int, step: int, manager) -> RunStopped:
+    """The error for a non-finite loss at ``step``, after writing the record indices of its
+    global batch to the workdir (a run that cannot go on must leave what is needed to debug)."""
+    path = os.path.join(os.path.abspath(workdir), f"nonfinite_step_{step}.json")
+    if jax.process_index() == 0:
+        report = {"step": step, "dataset": config.data.name, "split": "train", "batch": batch,
+                  "records": sampler.batch_records(batch)}
+        with open(path + ".tmp", "w") as f:
+            json.dump(report, f)
+        os.replace(path + ".tmp", path)
+    manager.wait_until_finished()
+    return RunStopped(
+        f"non-finite loss or gradients at step {step} (global batch {batch} of the "
+        f"{config.data.name!r} training stream; its record indices are in {path}); the last good "
+        f"checkpoint is step {manager.latest_step()}; config.train.nonfinite='skip' skips such "
+        "steps instead")
+
+
 def train(config, workdir: str) -> dict:
-    """Train ``config`` in ``workdir``, resuming from its newest checkpoint; returns the final
-    evaluation metrics."""
+    """Train ``config`` in ``workdir``, resuming from its newest readable checkpoint; returns
+    the final evaluation metrics, or ``{"preempted_at_step": step}`` after a SIGTERM (the state
+    of that step is saved; rerunning resumes there)."""
     from tqdm import tqdm
 
-    # --- Data -----------------------------------------------------------------------------
-    train_loader = make_loader(config, "train", training=True, batch_size=config.train.batch_size)
-    train_iter = iter(train_loader)
+    nonfinite = config.train.get("nonfinite", "stop")
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"config.train.nonfinite={nonfinite!r} is not one of {NONFINITE}")
 
     # --- Model, method, optimizer, shardings (shapes only) ---------------------------------
     model = build_model(config)
@@ -394,54 +434,94 @@ def train(config, workdir: str) -> dict:
                                       save_every=config.checkpoint.get("every", 100),
                                       async_save=config.checkpoint.get("async", True))
     restored = checkpoint.restore_latest(manager, setup.abstract_state)
+    progress_state = {"batches": 0, "skipped_steps": 0}  # saved beside the state
     if restored is None:
         state = init_state(config, setup)
     else:
-        restored_step, state, data_state = restored
-        if data_state is not None:
-            train_iter.set_state(json.dumps(data_state).encode())
-        print(f"resumed from {workdir} at step {restored_step}")
+        restored_step, state, saved = restored
+        progress_state.update({"batches": restored_step, **(saved or {})})
+        _log(f"resumed from {workdir} at step {restored_step}")
+
+    # --- Data: the training stream from the first batch the state has not seen --------------
+    first_batch = int(progress_state["batches"])
+    train_loader = make_loader(config, "train", training=True, batch_size=config.train.batch_size,
+                               start_batch=first_batch)
+    train_iter = iter(train_loader)
 
     # --- Steps ------------------------------------------------------------------------------
     train_step = make_train_step(setup, int(config.train.get("grad_accum", 1)),
                                  config.train.get("rng_impl", "unsafe_rbg"))
     eval_step = make_eval_step(setup)
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, tensorboard=config.train.get("tensorboard", True))
     log_every = int(config.train.get("log_every", 10))
     eval_every = int(config.train.get("eval_every", 0))
     start = int(state["step"])
+    skipped = int(progress_state["skipped_steps"])
+
+    def batches_after(done: int) -> int:
+        """Global batches the stream has given once step ``done`` is over."""
+        return first_batch + done - start
     window, window_steps, window_start = None, 0, time.perf_counter()
+
+    def check(done, sums):
+        """Act on step ``done``'s non-finite flag (read one step late, so the device is never
+        idle waiting for the host, and always before a save)."""
+        nonlocal skipped
+        if int(sums["nonfinite"]):
+            if nonfinite == "stop":
+                raise _nonfinite_stop(config, workdir, train_loader.sampler,
+                                      batches_after(done) - 1, done, manager)
+            skipped += 1
 
     progress = tqdm(range(start, total_steps), initial=start, total=total_steps,
                     disable=jax.process_index() != 0, desc="train", dynamic_ncols=True)
-    for step in progress:
-        state, sums = train_step(state, global_batch(setup, next(train_iter)))
-        window = sums if window is None else jax.tree.map(jnp.add, window, sums)
-        window_steps += 1
-        done = step + 1
-        if done % log_every == 0 or done == total_steps:
-            metrics = {f"train/{k}": v for k, v in tasks.means(window).items()}  # waits for the step
-            seconds = time.perf_counter() - window_start
-            metrics["train/grad_norm"] = float(window["grad_norm"]) / window_steps
-            metrics["train/steps_per_s"] = window_steps / max(seconds, 1e-9)
-            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-            writer.write(done, metrics)
-            window, window_steps, window_start = None, 0, time.perf_counter()
-        if eval_every and done % eval_every == 0 and done != total_steps:
-            eval_start = time.perf_counter()
-            writer.write(done, evaluate(config, setup, eval_step, state, "validation"))
-            window_start += time.perf_counter() - eval_start  # steps/s counts training only
-        if done == total_steps or manager.should_save(done):  # iterator state only when saved
-            checkpoint.save(manager, done, state, json.loads(train_iter.get_state()),
-                            force=done == total_steps)
+    pending = None
+    with preemption.Preemption() as preempt:
+        for step in progress:
+            state, sums = train_step(state, global_batch(setup, next(train_iter)))
+            if pending is not None:
+                check(*pending)
+            done, pending = step + 1, (step + 1, sums)
+            window = sums if window is None else jax.tree.map(jnp.add, window, sums)
+            window_steps += 1
+            if done % log_every == 0 or done == total_steps:
+                metrics = {f"train/{k}": v for k, v in tasks.means(window).items()
+                           if k != "nonfinite"}  # waits for the step
+                seconds = time.perf_counter() - window_start
+                finite_steps = max(window_steps - int(window["nonfinite"]), 1)
+                metrics["train/grad_norm"] = float(window["grad_norm"]) / finite_steps
+                metrics["train/steps_per_s"] = window_steps / max(seconds, 1e-9)
+                if nonfinite == "skip":
+                    metrics["train/skipped_steps"] = skipped + int(pending[1]["nonfinite"])
+                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+                writer.write(done, metrics)
+                window, window_steps, window_start = None, 0, time.perf_counter()
+            if eval_every and done % eval_every == 0 and done != total_steps:
+                eval_start = time.perf_counter()
+                writer.write(done, evaluate(config, setup, eval_step, state, "validation"))
+                window_start += time.perf_counter() - eval_start  # steps/s counts training only
+            preempted = preempt.reached(done)
+            if done == total_steps or preempted or manager.should_save(done):
+                check(*pending)
+                pending = None
+                checkpoint.save(manager, done, state,
+                                {"batches": batches_after(done), "skipped_steps": skipped},
+                                force=done == total_steps or preempted)
+            if preempted and done != total_steps:
+                manager.wait_until_finished()
+                manager.close()
+                writer.close()
+                _log(f"preempted: saved step {done} in {workdir}; rerun to resume")
+                return {"preempted_at_step": done}
 
     # --- Final evaluation -------------------------------------------------------------------
     manager.wait_until_finished()
     results = {}
     for split in config.train.get("final_eval_splits", ("validation", "test")):
         results.update(evaluate(config, setup, eval_step, state, split))
+    if nonfinite == "skip":
+        results["train/skipped_steps"] = skipped
     writer.write(int(state["step"]), results)
     writer.close()
     manager.close()
     return results
-
