@@ -143,19 +143,22 @@ class GlobalBatches:
         batch, row = divmod(index, self.rows)
         return (self.start_batch + batch) * self.batch_size + self.first_row + row
 
+    def _drawn(self, position: int) -> grain.RecordMetadata:
+        """The order's entry at a global position (a padded stream wraps to its start)."""
+        return self._order[position % self.total if self.total else position]
+
     def __getitem__(self, index: int) -> grain.RecordMetadata:
         if not 0 <= index < self._length:
             raise IndexError(f"record {index} is past the end ({self._length}) of the stream")
         position = self.position(index)
-        drawn = self._order[position % self.total if self.total else position]
+        drawn = self._drawn(position)
         return grain.RecordMetadata(index=position, rng=drawn.rng,
                                     record_key=self.records[drawn.record_key])
 
     def batch_records(self, batch: int) -> list[int]:
         """The record indices of global batch ``batch``, every process's rows."""
-        positions = range(batch * self.batch_size, (batch + 1) * self.batch_size)
-        return [self.records[self._order[p % self.total if self.total else p].record_key]
-                for p in positions]
+        return [self.records[self._drawn(position).record_key]
+                for position in range(batch * self.batch_size, (batch + 1) * self.batch_size)]
 
     def __repr__(self) -> str:
         return (f"GlobalBatches(records={self.records}, batch_size={self.batch_size}, "
