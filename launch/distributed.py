@@ -4,7 +4,7 @@ auto-detection JAX has for SLURM and Cloud TPU.
 Every process runs the same command; after :func:`initialize` each sees all devices of the job
 (``jax.devices()``) and its own (``jax.local_devices()``), XLA's collectives (gloo on CPU) move
 the data, and the coordinator's heartbeats end the job when a peer dies: the survivors exit
-non-zero after ``--heartbeat_timeout`` seconds instead of waiting forever.
+non-zero within ``--heartbeat_timeout`` seconds instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -25,23 +25,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--distributed", choices=MODES, default="auto")
     group.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
                        help="HOST:PORT of process 0")
-    group.add_argument("--num_processes", type=int,
-                       default=_env_int("JAX_NUM_PROCESSES"))
-    group.add_argument("--process_id", type=int, default=_env_int("JAX_PROCESS_ID"))
+    # String defaults go through ``type`` too: a bad environment value is argparse's one line.
+    group.add_argument("--num_processes", type=int, default=os.environ.get("JAX_NUM_PROCESSES"))
+    group.add_argument("--process_id", type=int, default=os.environ.get("JAX_PROCESS_ID"))
     group.add_argument("--init_timeout", type=int, default=300,
                        help="seconds to wait for every process to join")
     group.add_argument("--heartbeat_timeout", type=int, default=120,
                        help="seconds after which a silent peer counts as dead and the job ends")
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if value is None:
-        return None
-    if not value.isdigit():
-        raise SystemExit(f"error: environment variable {name}={value!r} is not a process count "
-                         "or index")
-    return int(value)
 
 
 def _slurm_tasks() -> int:
