@@ -6,7 +6,6 @@ process merges only its own rows."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from launch import local
 from research import tree
 from research.merge import kernels, sharded, sparsify, trees
 from research.train import checkpoint
@@ -264,12 +264,6 @@ def test_bad_input_is_one_line_errors(saved, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_merge_their_own_rows(tmp_path):
     base, models = _trees(3, seed=5)
     big = np.random.default_rng(6).normal(size=(2, 64, 32)).astype(np.float32)
@@ -296,7 +290,7 @@ def test_two_processes_merge_their_own_rows(tmp_path):
         json.dump(jobs, f)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
-    port = str(_free_port())
+    port = str(local.free_port())
     workers = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests",
                                                              "sharded_merge_worker.py"),
                                  str(i), port, str(tmp_path)], env=env, cwd=ROOT,

@@ -462,26 +462,28 @@ def train(config, workdir: str) -> dict:
         """Global batches the stream has given once step ``done`` is over."""
         return first_batch + done - start
     window, window_steps, window_start = None, 0, time.perf_counter()
+    unchecked = []  # (step, its non-finite flag on the device) not read yet
 
-    def check(done, sums):
-        """Act on step ``done``'s non-finite flag (read one step late, so the device is never
-        idle waiting for the host, and always before a save)."""
+    def check():
+        """Read the steps' non-finite flags, only where the host waits for the device anyway
+        (logging, saving, the end): no round trip per step. A bad step changed nothing, and no
+        checkpoint is written before its flag is read, so stopping a few steps late is safe."""
         nonlocal skipped
-        if int(sums["nonfinite"]):
-            if nonfinite == "stop":
-                raise _nonfinite_stop(config, workdir, train_loader.sampler,
-                                      batches_after(done) - 1, done, manager)
-            skipped += 1
+        flags = jax.device_get([flag for _, flag in unchecked])
+        bad = [done for (done, _), flag in zip(unchecked, flags) if flag]
+        unchecked.clear()
+        if bad and nonfinite == "stop":
+            raise _nonfinite_stop(config, workdir, train_loader.sampler,
+                                  batches_after(bad[0]) - 1, bad[0], manager)
+        skipped += len(bad)
 
     progress = tqdm(range(start, total_steps), initial=start, total=total_steps,
                     disable=jax.process_index() != 0, desc="train", dynamic_ncols=True)
-    pending = None
     with preemption.Preemption() as preempt:
         for step in progress:
             state, sums = train_step(state, global_batch(setup, next(train_iter)))
-            if pending is not None:
-                check(*pending)
-            done, pending = step + 1, (step + 1, sums)
+            done = step + 1
+            unchecked.append((done, sums["nonfinite"]))
             window = sums if window is None else jax.tree.map(jnp.add, window, sums)
             window_steps += 1
             if done % log_every == 0 or done == total_steps:
@@ -491,8 +493,9 @@ def train(config, workdir: str) -> dict:
                 finite_steps = max(window_steps - int(window["nonfinite"]), 1)
                 metrics["train/grad_norm"] = float(window["grad_norm"]) / finite_steps
                 metrics["train/steps_per_s"] = window_steps / max(seconds, 1e-9)
+                check()
                 if nonfinite == "skip":
-                    metrics["train/skipped_steps"] = skipped + int(pending[1]["nonfinite"])
+                    metrics["train/skipped_steps"] = skipped
                 progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
                 writer.write(done, metrics)
                 window, window_steps, window_start = None, 0, time.perf_counter()
@@ -502,8 +505,7 @@ def train(config, workdir: str) -> dict:
                 window_start += time.perf_counter() - eval_start  # steps/s counts training only
             preempted = preempt.reached(done)
             if done == total_steps or preempted or manager.should_save(done):
-                check(*pending)
-                pending = None
+                check()
                 checkpoint.save(manager, done, state,
                                 {"batches": batches_after(done), "skipped_steps": skipped},
                                 force=done == total_steps or preempted)
