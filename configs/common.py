@@ -43,11 +43,13 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.data = dict(name="", data_dir="", options={}, train_options={})
-    config.model = dict(name="", overrides={}, pretrained="", init_from="", init_seed=None)
+    config.model = dict(name="", overrides={}, pretrained="", init_from="", init_seed=None,
+                        scan_layers=False, remat="none", attention_impl="einsum")
     config.method = dict(name="full")  # research/methods.py lists the methods
     config.train = dict(batch_size=32, eval_batch_size=64, steps=100, grad_accum=1,
                         log_every=10, eval_every=0, final_eval_splits=("validation", "test"),
-                        rng_impl="unsafe_rbg", nonfinite="stop", tensorboard=True)
+                        rng_impl="unsafe_rbg", nonfinite="stop", tensorboard=True,
+                        frozen_dtype="compute", loss_chunk=0)
     config.optim = dict(name="adamw", learning_rate=1e-4, schedule="linear", warmup_steps=0,
                         weight_decay=(), lr_multipliers=(), grad_clip_norm=1.0,
                         b1=0.9, b2=0.999, eps=1e-8, frozen=(), trainable=None)

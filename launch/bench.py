@@ -145,19 +145,41 @@ def bench_sharding() -> None:
     run([])
 
 
+def bench_accel(argv=()) -> None:
+    from launch.bench_accel import main as run
+    run(list(argv))
+
+
+def bench_compile(argv=()) -> None:
+    from launch.bench_compile import main as run
+    run(list(argv))
+
+
 BENCHMARKS = {"train_step": bench_train_step, "lora": bench_lora,
               "lora_variants": bench_lora_variants, "merge": bench_merge, "masks": bench_masks,
-              "fusion": bench_fusion, "sharding": bench_sharding}
+              "fusion": bench_fusion, "sharding": bench_sharding, "accel": bench_accel,
+              "compile": bench_compile}
+# Benchmarks that take their own flags (``python -m launch.bench accel --small``).
+WITH_OPTIONS = ("accel", "compile")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.bench")
     parser.add_argument("name", help=f"one of {sorted(BENCHMARKS)}")
+    parser.add_argument("options", nargs=argparse.REMAINDER,
+                        help=f"the benchmark's own flags (only {', '.join(WITH_OPTIONS)})")
     args = parser.parse_args(argv)
     if args.name not in BENCHMARKS:
         print(f"error: benchmark {args.name!r} is not one of {sorted(BENCHMARKS)}", file=sys.stderr)
         return 2
-    BENCHMARKS[args.name]()
+    if args.name in WITH_OPTIONS:
+        BENCHMARKS[args.name](args.options)
+    elif args.options:
+        print(f"error: benchmark {args.name!r} takes no options; got {args.options}",
+              file=sys.stderr)
+        return 2
+    else:
+        BENCHMARKS[args.name]()
     return 0
 
 

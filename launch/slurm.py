@@ -15,9 +15,11 @@ from that checkpoint. Where the cluster preempts by requeueing, ``--requeue`` le
 this job, which resumes the same way.
 
 The script is written to ``WORKDIR/slurm/job.sbatch``; the job's logs go to ``WORKDIR/logs``
-(``JOBID.out`` for the script, ``JOBID_TASK.log`` per task). The checkout (with its ``.venv``,
-made by ``bash launch/setup.sh`` plus the CUDA build of the pinned jax) and the workdir must be
-on a filesystem every node sees at the same path.
+(``JOBID.out`` for the script, ``JOBID_TASK.log`` per task). The checkout and the workdir must be
+on a filesystem every node sees at the same path. The job installs the checkout's ``.venv`` with
+``bash launch/setup.sh --cuda`` on its first node before it starts the tasks (once: later jobs
+find it installed); to install ahead from a login node, which has no GPU, run
+``SCION_SKIP_DEVICE_CHECK=1 bash launch/setup.sh --cuda`` there.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Seconds between Slurm's warning and the time limit: enough to write a checkpoint. Slurm may
 # send it up to a minute earlier.
 SAVE_SECONDS = 180
+# The job's install, run by the batch shell: on a node with the GPUs a login node lacks.
+SETUP = "bash launch/setup.sh --cuda"
 
 
 def sbatch_lines(args) -> list:
@@ -68,6 +72,8 @@ def script(args, passthrough: list) -> str:
         "# Written by python -m launch.slurm.",
         "set -euo pipefail",
         f"cd {shlex.quote(ROOT)}",
+        "# The CUDA build into the shared checkout's .venv; a no-op once it is installed.",
+        SETUP,
         # The port follows the job id so jobs sharing a node differ, and the restart count so a
         # requeued job does not wait for its last run's socket; the range is above Linux's
         # ephemeral ports, as JAX's own choice.

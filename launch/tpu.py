@@ -8,10 +8,11 @@ The steps are gcloud commands, built as data first so that ``--dry-run`` prints 
 would run: reuse the TPU VM (or queued resource) when it is there, otherwise create it (one
 preempted or failed is deleted and created again); pack this checkout's files as they are now
 (tracked and new, not ignored: uncommitted edits go too) and copy them to every worker; install
-the requirements and the TPU build of the pinned jax; run ``launch.main --distributed=on`` on
-every worker (JAX reads the pod's coordinator, process count and index from the TPU metadata),
-each worker appending its output to a log named by its hostname; finally copy those logs into
-``--logs``, also after a failed run.
+with ``bash launch/setup.sh --tpu`` (the TPU build of the pinned jax and its pinned libtpu,
+``requirements-tpu.txt``); run ``launch.main --distributed=on`` on every worker (JAX reads the
+pod's coordinator, process count and index from the TPU metadata), each worker appending its
+output to a log named by its hostname; finally copy those logs into ``--logs``, also after a
+failed run.
 
 Rerunning the same command resumes: a preempted run saved its state (SIGTERM) in the workdir.
 With several workers the workdir must be one folder they all see at the same path (checkpoints
@@ -67,15 +68,7 @@ def runtime_version(accelerator: str) -> str:
     return RUNTIMES.get(accelerator.split("-")[0], DEFAULT_RUNTIME)
 
 
-def jax_version(requirements: str) -> str:
-    """The ``jax==X`` pin of a requirements file: the TPU build must match it."""
-    match = re.search(r"^jax==(\S+)\s*$", requirements, re.MULTILINE)
-    if match is None:
-        raise ValueError("requirements.txt pins no jax version (a line jax==X.Y.Z)")
-    return match.group(1)
-
-
-def install_command(jax: str) -> str:
+def install_command() -> str:
     """What each worker runs to unpack the code and install it (idempotent: reruns are fast)."""
     return " && ".join([
         f"mkdir -p ~/{REMOTE_DIR}", f"cd ~/{REMOTE_DIR}",
@@ -86,8 +79,8 @@ def install_command(jax: str) -> str:
         # timeout waits out the unattended upgrades a fresh VM runs.
         "{ command -v python3.11 >/dev/null || { sudo add-apt-repository -y ppa:deadsnakes/ppa"
         " && sudo apt-get -o DPkg::Lock::Timeout=600 install -y python3.11-venv; }; }",
-        "bash launch/setup.sh",
-        f".venv/bin/pip install -q {shlex.quote(f'jax[tpu]=={jax}')}",
+        # setup.sh checks for the TPU before it installs: a worker without one stops here.
+        "bash launch/setup.sh --tpu",
     ])
 
 
@@ -100,7 +93,7 @@ def train_command(args, passthrough: list) -> str:
             f"{shlex.join(run)} 2>&1 | tee -a -p ~/{REMOTE_LOGS}/$(hostname).log")
 
 
-def plan(args, passthrough: list, jax: str) -> list:
+def plan(args, passthrough: list) -> list:
     """The launch as :class:`Step` s, in the order they run."""
     def gcloud(*words):
         project = [f"--project={args.project}"] if args.project else []
@@ -129,7 +122,7 @@ def plan(args, passthrough: list, jax: str) -> list:
         Step("copy", gcloud("tpu-vm", "scp", tarball_path(args), f"{name}:{REMOTE_TARBALL}",
                             "--worker=all")),
         Step("install", gcloud("tpu-vm", "ssh", name, "--worker=all",
-                               f"--command={install_command(jax)}")),
+                               f"--command={install_command()}")),
         Step("train", gcloud("tpu-vm", "ssh", name, "--worker=all",
                              f"--command={train_command(args, passthrough)}")),
         Step("collect", gcloud("tpu-vm", "scp", f"{name}:{REMOTE_LOGS}/*", args.logs,
@@ -240,8 +233,7 @@ def main(argv=None) -> int:
     args, passthrough = parse_args(sys.argv[1:] if argv is None else argv)
     tarball = tarball_path(args)
     try:
-        with open(os.path.join(ROOT, "requirements.txt")) as file:
-            steps = plan(args, passthrough, jax_version(file.read()))
+        steps = plan(args, passthrough)
         if args.dry_run:
             print(dry_run_text(steps, tarball))
             return 0

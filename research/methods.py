@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from typing import ClassVar
 
 # name -> "module:factory"; a new method adds its file and one line here, never a loop change.
 REGISTRY = {
@@ -44,6 +45,10 @@ class Method:
 
     trainable: tuple[str, ...] | None = None  # path regexes; None: every leaf
     calibration_batches: int = 0  # training batches ``calibrate`` reads before ``init``
+    # Whether the method runs under ``model.scan_layers``, where one traced block stands for
+    # every layer: true when its ``apply`` ignores layer paths or reads them through
+    # ``layers.module_path`` and a layer view (LoRA); false for methods keyed by layer path.
+    scannable: ClassVar[bool] = True
 
     def trainable_for(self, shapes: dict) -> tuple[str, ...] | None:
         """Regexes of the leaves that train, given every leaf's shape (``init``'s output). Most

@@ -236,3 +236,37 @@ def combine(trainable: Tree, frozen: Tree) -> dict:
     if both:
         raise ValueError(f"path {sorted(both)[0]!r} is in both the trainable and frozen trees")
     return unflatten({**flat_t, **flat_f})
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer view: per-layer paths as a scanned stack sees them
+# ---------------------------------------------------------------------------------------------
+
+# A scanned stack (``ModelConfig.scan_layers``) traces one block for all its layers, so code
+# running inside it sees ``encoder/layer_*/attn/query`` where the tree says ``layer_3``.
+ANY_LAYER = "layer_*"
+_LAYER = re.compile(r"(?<![^/])layer_\d+(?![^/])")
+
+
+def layer_view(path: str) -> str:
+    """``encoder/layer_3/attn/query`` -> ``encoder/layer_*/attn/query``."""
+    return _LAYER.sub(ANY_LAYER, path)
+
+
+def with_layer_view(by_path: Mapping[str, Any], *, what: str) -> dict[str, Any]:
+    """``by_path`` plus a ``layer_view`` key for every path inside a layer, which a scanned
+    stack can look up. Layers must agree: a scanned block cannot give layer 3 a value of its
+    own, so differing values are an error naming both paths."""
+    viewed = dict(by_path)
+    first: dict[str, str] = {}
+    for path, value in by_path.items():
+        view = layer_view(path)
+        if view == path:
+            continue
+        if view in first and viewed[view] != value:
+            raise ValueError(f"model.scan_layers: {what} differs between layers ({first[view]}: "
+                             f"{viewed[view]!r}, {path}: {value!r}); a scanned stack runs one "
+                             f"block for every layer, so set model.scan_layers=False")
+        first.setdefault(view, path)
+        viewed[view] = value
+    return viewed

@@ -1,9 +1,11 @@
 """The TPU and SLURM launchers: the commands and script they print, and what those do when
 gcloud, git and Slurm's tools are small fakes on PATH that record their calls."""
 
+import glob
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -66,9 +68,9 @@ def test_tpu_dry_run_prints_every_command_in_order(capsys):
     for argv in (copy, install, train, collect):
         assert "--worker=all" in argv and "--zone=us-central2-b" in argv
     assert copy[5:7] == ["tpu_logs/my-tpu/code.tar.gz", "my-tpu:scion.tar.gz"]
-    pin = re.search(r"^jax==(\S+)$", open(os.path.join(tpu.ROOT, "requirements.txt")).read(),
-                    re.MULTILINE).group(1)
-    assert "launch/setup.sh" in _remote(install) and f"jax[tpu]=={pin}" in _remote(install)
+    # setup.sh --tpu installs the TPU build with its pins (requirements-tpu.txt), nothing else.
+    assert " bash launch/setup.sh --tpu" in " ".join(_remote(install))
+    assert not any("jax[" in word or os.path.basename(word) == "pip" for word in _remote(install))
     # The workdir with a space survives both shells (here, then on the worker) as one word.
     remote = _remote(train)
     start = remote.index("launch.main")
@@ -173,6 +175,11 @@ def test_slurm_script_one_task_per_gpu(capsys, tmp_path):
         "--signal": "B:USR1@180", "--requeue": ""}
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in text
     assert "JAX_LOCAL_DEVICE_IDS" not in text
+    # The job installs the CUDA build on its first node, in the checkout, before any task.
+    lines = text.splitlines()
+    srun = next(index for index, line in enumerate(lines) if line.startswith("srun "))
+    assert lines.index(f"cd {shlex.quote(slurm.ROOT)}") < lines.index(
+        "bash launch/setup.sh --cuda") < srun
     assert _srun(text) == [
         "srun", "--kill-on-bad-exit=1", "--open-mode=append", f"--output={workdir}/logs/%j_%t.log",
         ".venv/bin/python", "-m", "launch.main", "--config", CONFIG, "--workdir", workdir,
@@ -215,7 +222,8 @@ def script_text(tmp_path):
     args, passthrough = slurm.parse_args(
         ["--config", CONFIG, "--workdir", str(tmp_path / "a b"), "--gpus_per_node", "2", "--",
          "--config.seed=1"])
-    return slurm.script(args, passthrough)
+    # The install is setup.sh's to test (below); here it would need a GPU, or install one.
+    return slurm.script(args, passthrough).replace(f"\n{slurm.SETUP}\n", "\n:\n")
 
 
 @pytest.mark.parametrize("status", [0, 3])
@@ -291,3 +299,80 @@ def test_slurm_without_sbatch_says_so_in_one_line(tmp_path, monkeypatch, capsys)
 ])
 def test_slurm_bad_input_is_one_line(capsys, argv, flag):
     _one_line_error(capsys, argv, slurm.main, flag)
+
+
+# --- setup.sh --------------------------------------------------------------------------------
+# Run on a copy of the script and its requirement files (it cds to its own checkout), with fake
+# python3.11 and nvidia-smi on PATH: nothing here can create a real virtualenv or see a GPU.
+
+def _has_device(flag: str) -> bool:
+    if flag == "--cuda":
+        return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/dxg")
+    from jax._src import hardware_utils  # what setup.sh's TPU test mirrors
+    chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+    return bool(glob.glob("/dev/accel*")) or chips > 0
+
+
+def _setup_copy(tmp_path):
+    root = tmp_path / "checkout"
+    (root / "launch").mkdir(parents=True)
+    shutil.copy(os.path.join(slurm.ROOT, "launch", "setup.sh"), root / "launch")
+    for name in ["pyproject.toml", *glob.glob("requirements*.txt", root_dir=slurm.ROOT)]:
+        shutil.copy(os.path.join(slurm.ROOT, name), root)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake(bin_dir, "python3.11", f'echo "python3.11 $*" >> {tmp_path}/calls; exit 1')
+    _fake(bin_dir, "nvidia-smi", "echo 'No devices were found'; exit 6")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("SCION_SKIP_DEVICE_CHECK", None)  # a login node's setting must not leak in
+    return root, env
+
+
+def _setup(root, env, *flags, **extra):
+    return subprocess.run(["bash", str(root / "launch" / "setup.sh"), *flags], env={**env, **extra},
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("flags, words, env", [
+    (["--cuda"], ["--cuda: no NVIDIA GPU", "SCION_SKIP_DEVICE_CHECK=1"], {}),
+    (["--test", "--cuda"], ["--cuda: no NVIDIA GPU"], {}),
+    (["--tpu"], ["--tpu: no TPU", "SCION_SKIP_DEVICE_CHECK=1"], {}),
+    (["--gpu"], ["unknown flag '--gpu'", "--test, --cuda, --tpu"], {}),
+    (["--test", "--cuda", "--tpu"], ["--cuda and --tpu"], {"SCION_SKIP_DEVICE_CHECK": "1"}),
+])
+def test_setup_bad_input_is_one_line_before_any_install(tmp_path, flags, words, env):
+    if not env and any(_has_device(flag) for flag in {"--cuda", "--tpu"} & set(flags)):
+        pytest.skip("this machine has the device the flag installs for")
+    root, base_env = _setup_copy(tmp_path)
+    done = _setup(root, base_env, *flags, **env)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("launch/setup.sh: ") and all(w in done.stderr for w in words)
+    assert not (root / ".venv").exists() and not (root / ".cache").exists()
+    assert not (tmp_path / "calls").exists()  # no python3.11 -m venv either
+
+
+def test_setup_installs_every_flag_s_files_once(tmp_path):
+    """With the device check skipped (a login node), ``--cuda --test`` installs all three
+    requirement files in one pip resolve, and reinstalls only when one of them changes."""
+    root, env = _setup_copy(tmp_path)
+    venv_bin = root / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    _fake(venv_bin, "python", "exit 0")
+    _fake(venv_bin, "pip", f'echo "pip $*" >> {tmp_path}/calls')
+    skip = {"SCION_SKIP_DEVICE_CHECK": "1"}
+
+    def calls():
+        text = (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
+        (tmp_path / "calls").unlink(missing_ok=True)
+        return text.splitlines()
+
+    install = ["pip install -q --no-deps -r requirements-data.txt", "pip install -q --no-deps -e ."]
+    assert _setup(root, env, "--cuda", "--test", **skip).returncode == 0
+    assert calls() == ["pip install -q -r requirements.txt -r requirements-cuda.txt "
+                       "-r requirements-test.txt", *install]
+    assert _setup(root, env, "--cuda", "--test", **skip).returncode == 0 and calls() == []
+    with open(root / "requirements-cuda.txt", "a") as file:
+        file.write("# a new pin\n")
+    assert _setup(root, env, "--cuda", "--test", **skip).returncode == 0 and len(calls()) == 3
+    assert _setup(root, env, "--tpu", **skip).returncode == 0
+    assert calls() == ["pip install -q -r requirements.txt -r requirements-tpu.txt", *install]

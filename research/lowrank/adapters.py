@@ -42,6 +42,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import json
 import os
 import re
@@ -237,6 +238,8 @@ class MultiLoRA(Method):
     weights: per-adapter multipliers ``w_i`` of the scaled updates (default 1 each).
     trainable: default: these adapters' factors and every adapter's ``also_train``.
     """
+
+    scannable: ClassVar[bool] = False  # its sites are keyed by layer path
 
     adapters: tuple = ()
     lora: Mapping = dataclasses.field(default_factory=dict, compare=False)  # folded into adapters

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from research import tree
 from research.lowrank import init as init_lib
 from research.methods import Method
-from research.models.layers import MultiAxisDense
+from research.models.layers import MultiAxisDense, module_path
 
 A, B = "lora_a", "lora_b"
 FACTOR_PATTERN = r"(.*/)?lora_(a|b)"
@@ -350,6 +350,8 @@ class LoRA(Method):
         that path is on when the call passes ``deterministic=False``."""
         flat_scales = tree.flatten(self.scales(variables["params"]))
         by_module = {_parent(path): s for path, s in flat_scales.items()}
+        if getattr(getattr(module, "config", None), "scan_layers", False):
+            by_module = tree.with_layer_view(by_module, what="the LoRA scale")
         training = kwargs.get("deterministic", True) is False
         rate = self.dropout if training else 0.0
         with nn.intercept_methods(_interceptor(by_module, rate, self.combine)):
@@ -412,7 +414,7 @@ def _interceptor(scales: dict[str, float], rate: float, combine):
         layer = context.module
         if context.method_name != "__call__" or not layer.has_variable("params", A):
             return next_fun(*args, **kwargs)
-        path = tree.SEP.join(layer.path)
+        path = module_path(layer)
         a = layer.get_variable("params", A)
         b = layer.get_variable("params", B)
         inputs = _first_input(args, kwargs)

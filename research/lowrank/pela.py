@@ -20,6 +20,7 @@ pre-training stage (here distillation runs alongside the task loss).
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -94,6 +95,8 @@ class PELA(Method):
         too. Heads after the last distill site (classifier, pooler) are safe to add here.
     input_axes: ``(regex, n)`` rules saying how many leading kernel axes are inputs.
     """
+
+    scannable: ClassVar[bool] = False  # its sites are keyed by layer path
 
     targets: tuple = ()
     distill_weight: float = 1.0

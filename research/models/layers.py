@@ -12,17 +12,26 @@ sharding is chosen by rules outside model code (MaxText's scheme).
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
-import math
 import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research import tree
+from research.models.attention import IMPLS as ATTENTION_IMPLS, attend, make_mask
+
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 SUBLAYERS = ("attn", "mlp")
+# What a rematerialised block keeps for the backward pass (``model.remat``), as a
+# jax.checkpoint policy: "full" keeps only the block's input, "dots" every matmul output,
+# "dots_no_batch" the matmul outputs without batch dimensions; "none" does not remat.
+REMAT = {"full": None, "dots": jax.checkpoint_policies.dots_saveable,
+         "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+REMAT_POLICIES = ("none", *REMAT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +67,11 @@ class ModelConfig:
     # Sublayers a pruning removed ("layer_3/attn", "layer_5/mlp"): each is skipped with its
     # norm, so the residual stream passes through unchanged, and has no params.
     removed_sublayers: tuple[str, ...] = ()
+    # The engine: scan one block over the layers (compile time independent of depth) and
+    # what each block keeps for the backward pass; see Stack.
+    scan_layers: bool = False
+    remat: str = "none"
+    attention_impl: str = "einsum"
 
     def __post_init__(self):
         # Derived sizes are resolved here so every consumer (and config.json) sees numbers.
@@ -72,10 +86,19 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r} is not one of "
+                             f"{ATTENTION_IMPLS}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r} is not one of float32, bfloat16, float16")
         # A list when read back from JSON; a tuple keeps the config hashable.
         object.__setattr__(self, "removed_sublayers", tuple(self.removed_sublayers))
+        if self.scan_layers and self.removed_sublayers:
+            raise ValueError(f"scan_layers=True needs every layer alike; removed_sublayers="
+                             f"{self.removed_sublayers!r} makes them differ (set "
+                             f"scan_layers=False)")
         for name in self.removed_sublayers:
             match = re.fullmatch(rf"layer_(\d+)/({'|'.join(SUBLAYERS)})", str(name))
             if match is None or int(match[1]) >= self.num_layers:
@@ -185,21 +208,6 @@ class Norm(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def attention_bias(attention_mask, length: int, causal: bool):
-    """Additive bias [batch or 1, 1, query, key]: 0 where attending is allowed, float32's
-    most negative value where not (HF's choice: unlike -inf, a row with nothing allowed stays
-    finite instead of turning into NaN). None when everything is allowed."""
-    allowed = None
-    if attention_mask is not None:
-        allowed = attention_mask[:, None, None, :].astype(bool)
-    if causal:
-        lower = jnp.tril(jnp.ones((length, length), bool))[None, None]
-        allowed = lower if allowed is None else allowed & lower
-    if allowed is None:
-        return None
-    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-
-
 def rotate(x, theta: float):
     """Rotary position embedding over [batch, length, heads, head_dim], in HF Llama's
     half-split layout (pairs are (i, i + head_dim/2), not interleaved), at positions 0..L-1."""
@@ -216,14 +224,16 @@ def rotate(x, theta: float):
 
 class Attention(nn.Module):
     """Multi-head dot-product attention; ``num_kv_heads < num_heads`` gives GQA, where each
-    key/value head serves a contiguous group of query heads (HF's ``repeat_kv`` order)."""
+    key/value head serves a contiguous group of query heads (HF's ``repeat_kv`` order). The
+    math is in :mod:`research.models.attention`, chosen by ``config.attention_impl``."""
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x, bias, deterministic: bool, rows: int | None = None):
-        """``rows``: compute only the first ``rows`` query positions (all keys still count)."""
+        """``bias``: the :class:`research.models.attention.Mask` Stack builds. ``rows``:
+        compute only the first ``rows`` query positions (all keys still count)."""
         c = self.config
-        batch, length = x.shape[0], x.shape[1] if rows is None else rows
+        length = x.shape[1] if rows is None else rows
 
         def project(name, heads, heads_axis, inputs=x):
             return MultiAxisDense(c, ("embed", heads_axis, "head_dim"), (heads, c.head_dim),
@@ -238,17 +248,10 @@ class Attention(nn.Module):
         if c.rotary:
             query, key = rotate(query, c.rope_theta), rotate(key, c.rope_theta)
 
-        groups = c.num_heads // c.num_kv_heads
-        query = query.reshape(batch, length, c.num_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", query, key).astype(jnp.float32)
-        scores = scores / math.sqrt(c.head_dim)
-        if bias is not None:
-            scores = scores + bias[:, :, None, :length]
-        # Softmax in float32: bf16 exponentials over long rows lose most of their mass.
-        probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
-        probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
-        context = jnp.einsum("bkgqs,bskd->bqkgd", probs, value)
-        context = context.reshape(batch, length, c.num_heads, c.head_dim)
+        rate = 0.0 if deterministic else c.attention_dropout
+        rng = self.make_rng("dropout") if rate > 0 else None
+        context = attend(query, key, value, bias, c.attention_impl, dropout_rate=rate,
+                         dropout_rng=rng)
         context = constrain(context, "batch", "length", "heads", "head_dim")
         return MultiAxisDense(c, ("heads", "head_dim", "embed"), (c.hidden_size,),
                               "...hd,hde->...e", name="out")(context)
@@ -306,9 +309,36 @@ class Block(nn.Module):
         return constrain(x, "batch", "length", "embed")
 
 
+# Set while a scanned stack traces its block: the path its modules stand for (see module_path).
+_SCANNED_BLOCK = contextvars.ContextVar("scanned_block", default=None)
+
+
+def module_path(module: nn.Module) -> str:
+    """The tree path of ``module``'s params (``encoder/layer_3/attn/query``). Inside a scanned
+    stack one traced block stands for every layer, and its modules read
+    ``encoder/layer_*/attn/query`` (:func:`research.tree.layer_view`)."""
+    prefix = _SCANNED_BLOCK.get()
+    return tree.SEP.join((prefix, *module.path) if prefix else module.path)
+
+
+def _compute_dtype(config: ModelConfig, leaf):
+    """Matrices in the compute dtype (every layer casts them so anyway); vectors (norm scales,
+    biases) as they are, since their math runs in float32."""
+    if leaf.ndim >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating):
+        return leaf.astype(config.compute_dtype)
+    return leaf
+
+
 class Stack(nn.Module):
     """``num_layers`` blocks named ``layer_{i}``, then an optional ``final_norm`` (pre-LN
-    models need one; post-LN models end normalised already)."""
+    models need one; post-LN models end normalised already).
+
+    With ``scan_layers`` the params keep their per-layer names (every rule, method, converter
+    and checkpoint sees ``layer_3``), but the step stacks the layers along a leading axis, in
+    the compute dtype, and runs one block under ``jax.lax.scan`` (MaxText's layout), so
+    compilation does not grow with depth. ``remat`` rematerialises each block in the backward
+    pass, keeping what the policy saves; under the scan only one layer's activations and
+    gathered weights are live at a time."""
     config: ModelConfig
     final_norm: bool = False
 
@@ -318,10 +348,50 @@ class Stack(nn.Module):
         ``last_rows`` positions: a [CLS] classifier needs one, which saves most of that
         block's work (about 1/7 of a MiniLM step)."""
         c = self.config
-        bias = attention_bias(attention_mask, x.shape[1], c.causal)
+        if x.shape[1] > c.max_length:
+            raise ValueError(f"sequence length {x.shape[1]} exceeds the model's "
+                             f"max_length={c.max_length} (model.overrides.max_length)")
+        bias = make_mask(attention_mask, c.causal)
         x = constrain(x, "batch", "length", "embed")
-        for index in range(c.num_layers):
+        block = Block if c.remat == "none" else nn.remat(
+            Block, policy=REMAT[c.remat], static_argnums=(3, 4))
+        first = 0
+        if c.scan_layers and not self.is_initializing():
+            # The [CLS]-only last block differs in shape, so it runs on its own.
+            first = c.num_layers - (last_rows is not None)
+            x = self._scan(x, bias, deterministic, first)
+        for index in range(first, c.num_layers):
             rows = last_rows if index == c.num_layers - 1 else None
             removed = tuple(s for s in SUBLAYERS if f"layer_{index}/{s}" in c.removed_sublayers)
-            x = Block(c, removed, name=f"layer_{index}")(x, bias, deterministic, rows)
+            x = block(c, removed, name=f"layer_{index}")(x, bias, deterministic, rows)
         return Norm(c, name="final_norm")(x) if self.final_norm else x
+
+    def _scan(self, x, bias, deterministic: bool, count: int):
+        """Layers ``0 .. count-1`` as one scanned block over their stacked params."""
+        c = self.config
+        layers = [self.variables["params"][f"layer_{i}"] for i in range(count)]
+        for index, layer in enumerate(layers[1:], 1):
+            diff = tree.structural_diff(layers[0], layer)
+            if any(diff.values()):
+                kind, paths = next((k, v) for k, v in diff.items() if v)
+                raise ValueError(f"model.scan_layers: layer_{index} differs from layer_0 "
+                                 f"({kind}: {paths[0]}); a scanned stack needs every layer "
+                                 f"alike, so set model.scan_layers=False")
+        stacked = jax.tree.map(lambda *leaves: jnp.stack([_compute_dtype(c, leaf)
+                                                         for leaf in leaves]), *layers)
+        keys = None if deterministic else jax.random.split(self.make_rng("dropout"), count)
+        block = Block(c, parent=None)
+
+        def body(carry, xs):
+            params, key = xs
+            rngs = {} if key is None else {"dropout": key}
+            return block.apply({"params": params}, carry, bias, deterministic, rngs=rngs), None
+
+        if c.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT[c.remat], prevent_cse=False)
+        token = _SCANNED_BLOCK.set(tree.SEP.join((*self.path, tree.ANY_LAYER)))
+        try:
+            x, _ = jax.lax.scan(body, x, (stacked, keys))
+        finally:
+            _SCANNED_BLOCK.reset(token)
+        return x

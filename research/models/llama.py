@@ -46,10 +46,18 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = dense(c, c.vocab_size, ("embed", "vocab"), use_bias=False)
 
     def __call__(self, input_ids, attention_mask=None, deterministic: bool = True):
-        x = self.decoder(self.embeddings(input_ids), attention_mask, deterministic)
+        return self.head(self.hidden(input_ids, attention_mask, deterministic))
+
+    def hidden(self, input_ids, attention_mask=None, deterministic: bool = True):
+        """The final normed hidden states [B, L, E], before the LM head."""
+        return self.decoder(self.embeddings(input_ids), attention_mask, deterministic)
+
+    def head(self, x):
+        """Logits [..., vocab] of hidden states ``x``; a chunked loss calls it a block of
+        positions at a time (``config.train.loss_chunk``)."""
         if self.config.tie_word_embeddings:
             word_embedding = self.embeddings.word.embedding.astype(x.dtype)
-            logits = jnp.einsum("ble,ve->blv", x, word_embedding)
+            logits = jnp.einsum("...e,ve->...v", x, word_embedding)
         else:
             logits = self.lm_head(x)
         # float32 logits: the loss's log-softmax is where low precision hurts most.

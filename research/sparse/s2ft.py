@@ -21,6 +21,7 @@ trained slices back and undoes the permutations: a plain tree in the original or
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import re
 import zlib
 from collections.abc import Mapping
@@ -179,6 +180,8 @@ class S2FT(Method):
         the model has one. ``trainable``, when given, replaces the default (the slices plus
         ``also_train``).
     """
+
+    scannable: ClassVar[bool] = False  # its sites are keyed by layer path
 
     heads: object = 0.05
     channels: object = 0.05

@@ -27,7 +27,7 @@ from research import methods
 from research import models
 from research import tree as tree_lib
 from research.models import hf
-from research.train import checkpoint, optim, preemption, sharding, tasks
+from research.train import banner, checkpoint, optim, preemption, sharding, tasks
 from research.train.metrics import MetricWriter
 
 
@@ -36,9 +36,23 @@ from research.train.metrics import MetricWriter
 # ---------------------------------------------------------------------------------------------
 
 
+# The engine's model keys: set as ``config.model.KEY`` (ModelConfig fields the loop decides,
+# not the architecture), never inside ``overrides``.
+ENGINE_KEYS = ("scan_layers", "remat", "attention_impl")
+
+
 def build_model(config):
-    """The zoo model named by ``config.model`` (a preset plus overrides)."""
-    return models.build(config.model.name, **dict(config.model.get("overrides", {})))
+    """The zoo model named by ``config.model`` (a preset plus overrides and engine keys)."""
+    overrides = dict(config.model.get("overrides", {}))
+    for key in ENGINE_KEYS:
+        if key in overrides:
+            raise ValueError(f"config.model.overrides.{key}: set config.model.{key} instead")
+        if key in config.model:
+            overrides[key] = config.model[key]
+    try:
+        return models.build(config.model.name, **overrides)
+    except ValueError as err:
+        raise ValueError(f"config.model ({config.model.name}): {err}") from None
 
 
 def abstract_params(model) -> tuple[dict, dict]:
@@ -65,6 +79,38 @@ class Setup:
     param_shardings: dict     # over all params
     state_shardings: dict     # over the train state
     abstract_state: dict      # ShapeDtypeStructs with shardings, for restore
+    loss_chunk: int = 0       # a causal LM's loss this many tokens' logits at a time; 0: all
+
+
+FROZEN_DTYPES = ("compute", "float32")
+
+
+def frozen_dtypes(config, model, frozen_shapes: dict) -> dict:
+    """The frozen tree's shapes as the state holds them. With ``train.frozen_dtype='compute'``
+    (the default) and a low-precision compute dtype, frozen matrices are held in it: the step
+    reads (and FSDP gathers) half the bytes, and never a float32 copy of the base. Vectors
+    (norms, biases) stay float32, as their math does."""
+    choice = config.train.get("frozen_dtype", "compute")
+    if choice not in FROZEN_DTYPES:
+        raise ValueError(f"config.train.frozen_dtype={choice!r} is not one of {FROZEN_DTYPES}")
+    dtype = model.config.compute_dtype if choice == "compute" else jnp.dtype(jnp.float32)
+
+    def one(shape):
+        if len(shape.shape) >= 2 and jnp.issubdtype(shape.dtype, jnp.floating):
+            return jax.ShapeDtypeStruct(shape.shape, dtype)
+        return shape
+    return jax.tree.map(one, frozen_shapes)
+
+
+def _loss_chunk(config, model) -> int:
+    chunk = config.train.get("loss_chunk", 0)
+    if not isinstance(chunk, int) or chunk < 0:
+        raise ValueError(f"config.train.loss_chunk={chunk!r} is not a token count >= 0 "
+                         f"(0: the whole batch's logits at once)")
+    if chunk and model.task != "causal_lm":
+        raise ValueError(f"config.train.loss_chunk={chunk} chunks a causal LM's loss; "
+                         f"{config.model.name} is a {model.task} model (set it to 0)")
+    return chunk
 
 
 def _opt_state_shardings(opt_shapes, param_shapes, param_shardings, mesh):
@@ -85,6 +131,10 @@ def _opt_state_shardings(opt_shapes, param_shapes, param_shardings, mesh):
 def make_setup(config, model, total_steps: int, devices=None) -> Setup:
     """Everything static about the run, from shapes alone (``devices`` default: all)."""
     method = methods.build(config.get("method"))
+    if model.config.scan_layers and not method.scannable:
+        raise ValueError(f"config.model.scan_layers: method {config.method.get('name', 'full')!r} keys its "
+                         f"sites by layer path and cannot run under a scanned stack; set "
+                         f"config.model.scan_layers=False")
     model_shapes, model_logical = abstract_params(model)
     stats_shapes = jax.eval_shape(
         functools.partial(method.calibrate, model.module), model_shapes,
@@ -101,6 +151,7 @@ def make_setup(config, model, total_steps: int, devices=None) -> Setup:
         shapes, config.optim.get("frozen", ()),
         method.trainable_for(shapes) if trainable_patterns is None else trainable_patterns)
     train_shapes, frozen_shapes = tree_lib.split(shapes, trainable)
+    frozen_shapes = frozen_dtypes(config, model, frozen_shapes)
     tx = optim.make_optimizer(config.optim, train_shapes, total_steps)
 
     param_shardings = sharding.param_shardings(shapes, logical, mesh, rules)
@@ -121,7 +172,7 @@ def make_setup(config, model, total_steps: int, devices=None) -> Setup:
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         state_shapes, state_shardings)
     return Setup(model, method, mesh, rules, trainable, tx, param_shardings, state_shardings,
-                 abstract_state)
+                 abstract_state, _loss_chunk(config, model))
 
 
 def init_params(config, setup: Setup, rng) -> dict:
@@ -166,6 +217,8 @@ def _params_from_run(workdir: str, shapes: dict, shardings: dict) -> dict:
         if value.shape != shape.shape:
             raise ValueError(f"config.model.init_from={workdir!r}: {path!r} has shape "
                              f"{value.shape}, the model expects {shape.shape}")
+        # A run with a bfloat16 frozen base saved it so; this model starts from its dtype.
+        value = value.astype(shape.dtype)
         placed[path] = jax.make_array_from_callback(value.shape, flat_shardings[path],
                                                     lambda index, v=value: v[index])
     return tree_lib.unflatten(placed)
@@ -200,10 +253,19 @@ def init_key(config) -> jax.Array:
     return jax.random.fold_in(jax.random.key(config.seed if init_seed is None else init_seed), 0)
 
 
+def _split_as_state(setup: Setup, params: dict) -> tuple[dict, dict]:
+    """``(trainable, frozen)`` of plain params, the frozen part in the state's dtypes."""
+    trainable, frozen = tree_lib.split(params, setup.trainable)
+    frozen_shapes = setup.abstract_state["frozen"]
+    cast = jax.jit(lambda tree: jax.tree.map(lambda x, s: x.astype(s.dtype), tree, frozen_shapes),
+                   out_shardings=setup.state_shardings["frozen"])
+    return trainable, cast(frozen)
+
+
 def init_state(config, setup: Setup) -> dict:
     rng = jax.random.key(config.seed)
     params = init_params(config, setup, init_key(config))
-    trainable, frozen = tree_lib.split(params, setup.trainable)
+    trainable, frozen = _split_as_state(setup, params)
     opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(trainable)
     state = {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng),
              "trainable": trainable, "frozen": frozen, "opt_state": opt_state}
@@ -222,12 +284,18 @@ def _forward_sums(setup: Setup, trainable, frozen, batch, rng, *, training: bool
     inputs, targets = tasks.model_inputs(model, batch, rng, training=training)
     variables = {"params": tree_lib.combine(trainable, frozen)}
     options = dict(deterministic=not training, rngs={"dropout": rng})
+    if setup.loss_chunk:  # the model stops at its hidden states; the loss applies the head
+        options["method"] = "hidden"
     if training:
-        logits, terms = setup.method.apply_with_losses(model.module, variables, **inputs,
-                                                       **options)
+        outputs, terms = setup.method.apply_with_losses(model.module, variables, **inputs,
+                                                        **options)
     else:
-        logits, terms = setup.method.apply(model.module, variables, **inputs, **options), {}
-    return tasks.loss_sums(model, logits, targets), terms
+        outputs, terms = setup.method.apply(model.module, variables, **inputs, **options), {}
+    if setup.loss_chunk:
+        def head(hidden):
+            return setup.method.apply(model.module, variables, hidden, method="head")
+        return tasks.chunked_loss_sums(head, outputs, targets, setup.loss_chunk), terms
+    return tasks.loss_sums(model, outputs, targets), terms
 
 
 RNG_IMPLS = ("unsafe_rbg", "rbg", "threefry2x32")
@@ -372,7 +440,7 @@ def evaluate(config, setup: Setup, eval_step, state, split: str) -> dict:
 def evaluate_params(config, setup: Setup, eval_step, params: dict, split: str) -> dict:
     """:func:`evaluate` for a plain params tree (a merge, a graft, a pruned model), split and
     placed as the run's state would hold it."""
-    trainable, frozen = tree_lib.split(params, setup.trainable)
+    trainable, frozen = _split_as_state(setup, params)
     placed = jax.device_put({"trainable": trainable, "frozen": frozen},
                             {part: setup.state_shardings[part] for part in ("trainable", "frozen")})
     return evaluate(config, setup, eval_step, placed, split)
@@ -428,6 +496,7 @@ def train(config, workdir: str) -> dict:
     model = build_model(config)
     total_steps = int(config.train.steps)
     setup = make_setup(config, model, total_steps)
+    _log(banner.describe(setup))
 
     # --- State: restored from the workdir, or created on its devices ------------------------
     manager = checkpoint.make_manager(workdir, keep=config.checkpoint.get("keep", 2),

@@ -7,6 +7,8 @@ correctly by dividing once at the end. Batches may carry ``valid`` (0 for paddin
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -68,6 +70,35 @@ def loss_sums(model, logits, targets) -> dict:
     weight = targets["weight"]
     return {"loss": jnp.sum(losses * weight), "correct": jnp.sum(correct * weight),
             "count": jnp.sum(weight)}
+
+
+def chunked_loss_sums(head, hidden, targets, chunk_tokens: int) -> dict:
+    """:func:`loss_sums` of a causal LM from its final hidden states ``hidden`` [B, L, E],
+    with ``head`` (hidden -> float32 logits) applied to about ``chunk_tokens`` tokens at a time:
+    blocks of positions across the whole batch (so every data shard works on each block), in a
+    rematerialised scan, so neither pass ever holds more than one block's logits (a 128k
+    vocabulary's [8·1024, 128256] float32 logits are 4.2 GB)."""
+    hidden, labels, weight = hidden[:, :-1], targets["label"], targets["weight"]
+    batch, length = labels.shape
+    positions = max(1, min(length, chunk_tokens // batch))
+    blocks = -(-length // positions)
+
+    def by_block(x):  # [B, L, ...] -> [blocks, B, positions, ...], padded with weight 0
+        x = jnp.pad(x, [(0, 0), (0, blocks * positions - length)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape(batch, blocks, positions, *x.shape[2:]), 0, 1)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def one_block(totals, xs):
+        x, label, w = xs
+        logits = head(x).astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, label)
+        correct = (jnp.argmax(logits, -1) == label).astype(jnp.float32)
+        return (totals[0] + jnp.sum(losses * w), totals[1] + jnp.sum(correct * w)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (loss, correct), _ = jax.lax.scan(one_block, (zero, zero),
+                                      (by_block(hidden), by_block(labels), by_block(weight)))
+    return {"loss": loss, "correct": correct, "count": jnp.sum(weight)}
 
 
 def means(sums: dict) -> dict:
