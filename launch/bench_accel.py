@@ -41,6 +41,9 @@ What it measures, on whatever backend JAX finds (one device, ``jax.devices()[0]`
   ``torch.cuda.max_memory_allocated``, reset before each variant's steps. Where JAX runs on a
   device PyTorch has not (a TPU), PyTorch is skipped (``torch_skipped=...``) and the headline
   is ``nan``.
+  On a CPU that other processes keep busy, PyTorch's OpenMP team of several threads stalls
+  whenever one of them is descheduled (a 2-core machine under load: a 15 ms step took 1.4 s
+  with 2 threads, 17 ms with 1); ``--torch_threads 1`` avoids that.
 * Scion and PyTorch steps are timed alternately, round by round, so that both see the same
   machine conditions; the device's memory is freed between the two workloads.
 
@@ -95,6 +98,7 @@ class Settings:
     loss_chunk: int = 4096
     rounds: int = 3
     warmup: int = 2
+    torch_threads: int = 0  # PyTorch's intra-op threads; 0: its default
 
     @property
     def tokens(self) -> int:
@@ -388,7 +392,8 @@ def run(settings: Settings, emit: Figures, *, torch_eager: bool = True,
     emit("backend", jax.default_backend())
     emit("device_kind", kind)
     for field in dataclasses.fields(settings):
-        emit(field.name, getattr(settings, field.name))
+        if field.name != "torch_threads":  # printed as PyTorch has it, below
+            emit(field.name, getattr(settings, field.name))
     emit("tokens_per_step", tokens)
     if peak:
         emit("spec_peak_flops_per_s", peak, ".4e")
@@ -400,6 +405,8 @@ def run(settings: Settings, emit: Figures, *, torch_eager: bool = True,
     emit("matmul_weight_params", weights)
     if use_torch:
         import torch
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         cuda = torch.cuda.is_available()
         if device.platform != "cpu" and not (cuda and device.platform == "gpu"):
             # A TPU, say: PyTorch has no step on this device, and its CPU is no comparison.
@@ -408,6 +415,7 @@ def run(settings: Settings, emit: Figures, *, torch_eager: bool = True,
         else:
             emit("torch_device", "cuda" if cuda else "cpu")
             emit("torch_precision", torch_precision(cuda, settings.dtype))
+            emit("torch_threads", torch.get_num_threads())
 
     for workload in WORKLOADS:
         name = f"scion_{workload}"
@@ -498,13 +506,15 @@ def parse(argv=None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
                         help="also the PyTorch steps (when torch, transformers, peft import)")
     parser.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--torch_threads", type=int, default=0,
+                        help="PyTorch's intra-op threads (0: its default); 1 on a busy CPU")
     parser.add_argument("--out", help="append every key=value line to this file as it comes")
     args = parser.parse_args(argv)
     base = SMALL if args.small else {}
     settings = Settings(**{**base, **{k: v for k, v in dict(
         batch=args.batch, length=args.length).items() if v is not None}},
         dtype=args.dtype, scan=args.scan, remat=args.remat, attention=args.attention,
-        loss_chunk=args.loss_chunk, rounds=args.rounds)
+        loss_chunk=args.loss_chunk, rounds=args.rounds, torch_threads=args.torch_threads)
     return settings, args
 
 

@@ -42,9 +42,11 @@ def test_spec_peaks_by_device_kind(kind, peak):
 
 def test_flags_choose_the_settings():
     settings, args = bench_accel.parse(["--small", "--no-scan", "--remat", "full",
-                                        "--loss_chunk", "0", "--out", "f.txt"])
+                                        "--loss_chunk", "0", "--out", "f.txt",
+                                        "--torch_threads", "1"])
     assert (settings.preset, settings.batch, settings.length) == ("llama_tiny", 8, 128)
     assert (settings.scan, settings.remat, settings.loss_chunk) == (False, "full", 0)
+    assert settings.torch_threads == 1
     assert args.out == "f.txt"
     default, _ = bench_accel.parse([])
     assert (default.preset, default.tokens, default.scan, default.attention, default.dtype) == (
