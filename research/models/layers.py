@@ -229,8 +229,8 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, bias, deterministic: bool, rows: int | None = None):
-        """``bias``: the :class:`research.models.attention.Mask` Stack builds. ``rows``:
+    def __call__(self, x, mask, deterministic: bool, rows: int | None = None):
+        """``mask``: the :class:`research.models.attention.Mask` Stack builds. ``rows``:
         compute only the first ``rows`` query positions (all keys still count)."""
         c = self.config
         length = x.shape[1] if rows is None else rows
@@ -250,7 +250,7 @@ class Attention(nn.Module):
 
         rate = 0.0 if deterministic else c.attention_dropout
         rng = self.make_rng("dropout") if rate > 0 else None
-        context = attend(query, key, value, bias, c.attention_impl, dropout_rate=rate,
+        context = attend(query, key, value, mask, c.attention_impl, dropout_rate=rate,
                          dropout_rng=rng)
         context = constrain(context, "batch", "length", "heads", "head_dim")
         return MultiAxisDense(c, ("heads", "head_dim", "embed"), (c.hidden_size,),
@@ -288,7 +288,7 @@ class Block(nn.Module):
     removed: tuple[str, ...] = ()  # of SUBLAYERS
 
     @nn.compact
-    def __call__(self, x, bias, deterministic: bool, rows: int | None = None):
+    def __call__(self, x, mask, deterministic: bool, rows: int | None = None):
         """``rows``: return only the first ``rows`` positions, computing nothing else (all
         positions are still attended to)."""
         c = self.config
@@ -301,9 +301,9 @@ class Block(nn.Module):
         if "attn" in self.removed:
             x = kept
         elif c.pre_norm:
-            x = kept + drop(attention(attn_norm(x), bias, deterministic, rows))
+            x = kept + drop(attention(attn_norm(x), mask, deterministic, rows))
         else:
-            x = attn_norm(kept + drop(attention(x, bias, deterministic, rows)))
+            x = attn_norm(kept + drop(attention(x, mask, deterministic, rows)))
         if "mlp" not in self.removed:
             x = x + drop(mlp(mlp_norm(x))) if c.pre_norm else mlp_norm(x + drop(mlp(x)))
         return constrain(x, "batch", "length", "embed")
@@ -335,8 +335,8 @@ class Stack(nn.Module):
 
     With ``scan_layers`` the params keep their per-layer names (every rule, method, converter
     and checkpoint sees ``layer_3``), but the step stacks the layers along a leading axis, in
-    the compute dtype, and runs one block under ``jax.lax.scan`` (MaxText's layout), so
-    compilation does not grow with depth. ``remat`` rematerialises each block in the backward
+    the compute dtype, and runs one block under ``jax.lax.scan`` (MaxText's layout), so the
+    block is traced and compiled once whatever the depth. ``remat`` rematerialises each block in the backward
     pass, keeping what the policy saves; under the scan only one layer's activations and
     gathered weights are live at a time."""
     config: ModelConfig
@@ -351,7 +351,7 @@ class Stack(nn.Module):
         if x.shape[1] > c.max_length:
             raise ValueError(f"sequence length {x.shape[1]} exceeds the model's "
                              f"max_length={c.max_length} (model.overrides.max_length)")
-        bias = make_mask(attention_mask, c.causal)
+        mask = make_mask(attention_mask, c.causal)
         x = constrain(x, "batch", "length", "embed")
         block = Block if c.remat == "none" else nn.remat(
             Block, policy=REMAT[c.remat], static_argnums=(3, 4))
@@ -359,14 +359,14 @@ class Stack(nn.Module):
         if c.scan_layers and not self.is_initializing():
             # The [CLS]-only last block differs in shape, so it runs on its own.
             first = c.num_layers - (last_rows is not None)
-            x = self._scan(x, bias, deterministic, first)
+            x = self._scan(x, mask, deterministic, first)
         for index in range(first, c.num_layers):
             rows = last_rows if index == c.num_layers - 1 else None
             removed = tuple(s for s in SUBLAYERS if f"layer_{index}/{s}" in c.removed_sublayers)
-            x = block(c, removed, name=f"layer_{index}")(x, bias, deterministic, rows)
+            x = block(c, removed, name=f"layer_{index}")(x, mask, deterministic, rows)
         return Norm(c, name="final_norm")(x) if self.final_norm else x
 
-    def _scan(self, x, bias, deterministic: bool, count: int):
+    def _scan(self, x, mask, deterministic: bool, count: int):
         """Layers ``0 .. count-1`` as one scanned block over their stacked params."""
         c = self.config
         layers = [self.variables["params"][f"layer_{i}"] for i in range(count)]
@@ -385,7 +385,7 @@ class Stack(nn.Module):
         def body(carry, xs):
             params, key = xs
             rngs = {} if key is None else {"dropout": key}
-            return block.apply({"params": params}, carry, bias, deterministic, rngs=rngs), None
+            return block.apply({"params": params}, carry, mask, deterministic, rngs=rngs), None
 
         if c.remat != "none":
             body = jax.checkpoint(body, policy=REMAT[c.remat], prevent_cse=False)
