@@ -2,6 +2,7 @@
 loss. Each is an execution choice, so each must give the unscanned, float32, whole-logits
 result (to float tolerance) and save what it promises in XLA's deterministic analyses."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,21 +71,34 @@ def test_a_scanned_stack_traces_one_block_whatever_the_depth():
 
 
 def test_dropout_under_a_scan_draws_a_mask_per_layer():
-    """Dropout stays on under the scan, and each layer gets its own key: with identical layers
-    and identical keys two layers would drop the same units, so the output would equal that
-    of a stack whose keys do not differ."""
+    """Dropout stays on under the scan, and each layer draws its own masks: the masks that
+    layer 0 and layer 1 drop (read back from inside the scan) differ, as they would not if
+    every layer got the same key."""
     model = models.build("bert_tiny_encoder", num_layers=3, scan_layers=True)
     params = model.init(jax.random.key(0))
     inputs = _inputs(model)
+    dropped = []
+
+    def record(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        if isinstance(context.module, nn.Dropout) and not kwargs.get("deterministic", True):
+            jax.debug.callback(lambda zeros: dropped.append(np.asarray(zeros)), y == 0)
+        return y
+
     def run(key):
-        return model.module.apply({"params": params}, **inputs, deterministic=False,
-                                  rngs={"dropout": key})[0]
+        with nn.intercept_methods(record):
+            out = model.module.apply({"params": params}, **inputs, deterministic=False,
+                                     rngs={"dropout": key})[0]
+        return jax.block_until_ready(out)
+
     one, again, other = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
     np.testing.assert_array_equal(one, again)
     assert float(jnp.max(jnp.abs(one - other))) > 1e-3
-    # Layer keys come from splitting the stack's key, so layer i's key is not layer j's.
-    keys = jax.random.split(jax.random.key(1), 3)
-    assert len({tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in keys}) == 3
+    # Per run: the embeddings' dropout, then per layer the attention output's and the MLP's.
+    assert len(dropped) == 3 * (1 + 3 * 2)
+    per_layer = dropped[1:7]
+    assert per_layer[0].shape == per_layer[2].shape
+    assert per_layer[0].any() and (per_layer[0] != per_layer[2]).any()
 
 
 def _run(model_name, method=None, steps=2, batch=4, devices=1, mesh=None, engine=(), train=(),
