@@ -12,9 +12,10 @@ Each compilation runs in a fresh process with JAX's persistent compilation cache
 the environment's cache directory reach it), so no case reuses another's work: in one process
 the second compilation would find primitives, lowering rules and XLA's backend already warm.
 Each case is measured ``--repeats`` times (default 2), in rounds over the four cases, each
-time in its own process, and the fastest kept. Prints ``key=value`` lines; the last is the headline ``compile_depth16_over_depth2``:
-the scanned step's compile seconds at 16 layers over those at 2 (about 1 when compilation does
-not grow with depth; about 8 when it grows linearly).
+time in its own process, and the fastest kept. Prints ``key=value`` lines; the last is the
+headline ``compile_depth16_over_depth2``: the scanned step's compile seconds at 16 layers over
+those at 2 (about 1 when compilation does not grow with depth; about 8 when it grows
+linearly).
 """
 
 from __future__ import annotations

@@ -336,8 +336,8 @@ class Stack(nn.Module):
     With ``scan_layers`` the params keep their per-layer names (every rule, method, converter
     and checkpoint sees ``layer_3``), but the step stacks the layers along a leading axis, in
     the compute dtype, and runs one block under ``jax.lax.scan`` (MaxText's layout), so the
-    block is traced and compiled once whatever the depth. ``remat`` rematerialises each block in the backward
-    pass, keeping what the policy saves; under the scan only one layer's activations and
+    block is traced and compiled once whatever the depth. ``remat`` rematerialises each block
+    in the backward pass, keeping what the policy saves; under the scan only one layer's activations and
     gathered weights are live at a time."""
     config: ModelConfig
     final_norm: bool = False

@@ -132,8 +132,9 @@ def make_setup(config, model, total_steps: int, devices=None) -> Setup:
     """Everything static about the run, from shapes alone (``devices`` default: all)."""
     method = methods.build(config.get("method"))
     if model.config.scan_layers and not method.scannable:
-        raise ValueError(f"config.model.scan_layers: method {config.method.get('name', 'full')!r} keys its "
-                         f"sites by layer path and cannot run under a scanned stack; set "
+        name = config.method.get("name", "full")
+        raise ValueError(f"config.model.scan_layers: method {name!r} keys its sites by layer "
+                         f"path and cannot run under a scanned stack; set "
                          f"config.model.scan_layers=False")
     model_shapes, model_logical = abstract_params(model)
     stats_shapes = jax.eval_shape(
@@ -218,7 +219,7 @@ def _params_from_run(workdir: str, shapes: dict, shardings: dict) -> dict:
             raise ValueError(f"config.model.init_from={workdir!r}: {path!r} has shape "
                              f"{value.shape}, the model expects {shape.shape}")
         # A run with a bfloat16 frozen base saved it so; this model starts from its dtype.
-        value = value.astype(shape.dtype)
+        value = value.astype(shape.dtype, copy=False)
         placed[path] = jax.make_array_from_callback(value.shape, flat_shardings[path],
                                                     lambda index, v=value: v[index])
     return tree_lib.unflatten(placed)
