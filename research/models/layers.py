@@ -337,8 +337,8 @@ class Stack(nn.Module):
     and checkpoint sees ``layer_3``), but the step stacks the layers along a leading axis, in
     the compute dtype, and runs one block under ``jax.lax.scan`` (MaxText's layout), so the
     block is traced and compiled once whatever the depth. ``remat`` rematerialises each block
-    in the backward pass, keeping what the policy saves; under the scan only one layer's activations and
-    gathered weights are live at a time."""
+    in the backward pass, keeping what the policy saves; under the scan only one layer's
+    activations and gathered weights are live at a time."""
     config: ModelConfig
     final_norm: bool = False
 
