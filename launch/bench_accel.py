@@ -68,6 +68,8 @@ import re  # noqa: E402
 import time  # noqa: E402
 from typing import Callable  # noqa: E402
 
+from research.models.layers import ATTENTION_IMPLS, REMAT_POLICIES  # noqa: E402
+
 RANK, ALPHA = 16, 16.0
 LORA_METHOD = dict(name="lora", targets=((r".*/(query|key|value|out|gate|up|down)/kernel", RANK),),
                    alpha=ALPHA)
@@ -496,10 +498,11 @@ def parse(argv=None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--small", action="store_true",
                         help="llama_tiny_lm, batch 8 x 128 (runs on a CPU)")
     parser.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--remat", default=Settings.remat)
-    parser.add_argument("--attention", default=Settings.attention)
+    parser.add_argument("--remat", default=Settings.remat, choices=REMAT_POLICIES)
+    parser.add_argument("--attention", default=Settings.attention, choices=ATTENTION_IMPLS)
     parser.add_argument("--loss_chunk", type=int, default=Settings.loss_chunk)
-    parser.add_argument("--dtype", default=Settings.dtype)
+    parser.add_argument("--dtype", default=Settings.dtype,
+                        choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--batch", type=int, help="rows per step (default 8)")
     parser.add_argument("--length", type=int, help="tokens per row (1024; --small: 128)")
     parser.add_argument("--rounds", type=int, default=Settings.rounds)

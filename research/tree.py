@@ -264,9 +264,10 @@ def with_layer_view(by_path: Mapping[str, Any], *, what: str) -> dict[str, Any]:
         if view == path:
             continue
         if view in first and viewed[view] != value:
-            raise ValueError(f"model.scan_layers: {what} differs between layers ({first[view]}: "
-                             f"{viewed[view]!r}, {path}: {value!r}); a scanned stack runs one "
-                             f"block for every layer, so set model.scan_layers=False")
+            raise ValueError(f"config.model.scan_layers: {what} differs between layers "
+                             f"({first[view]}: {viewed[view]!r}, {path}: {value!r}); a scanned "
+                             f"stack runs one block for every layer, so set "
+                             f"config.model.scan_layers=False")
         first.setdefault(view, path)
         viewed[view] = value
     return viewed

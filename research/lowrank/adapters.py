@@ -42,11 +42,11 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 import json
 import os
 import re
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import flax.linen as nn
 import jax

@@ -374,9 +374,9 @@ class Stack(nn.Module):
             diff = tree.structural_diff(layers[0], layer)
             if any(diff.values()):
                 kind, paths = next((k, v) for k, v in diff.items() if v)
-                raise ValueError(f"model.scan_layers: layer_{index} differs from layer_0 "
-                                 f"({kind}: {paths[0]}); a scanned stack needs every layer "
-                                 f"alike, so set model.scan_layers=False")
+                raise ValueError(f"config.model.scan_layers: layer_{index} differs from "
+                                 f"layer_0 ({kind}: {paths[0]}); a scanned stack needs every "
+                                 f"layer alike, so set config.model.scan_layers=False")
         stacked = jax.tree.map(lambda *leaves: jnp.stack([_compute_dtype(c, leaf)
                                                          for leaf in leaves]), *layers)
         keys = None if deterministic else jax.random.split(self.make_rng("dropout"), count)

@@ -21,10 +21,10 @@ trained slices back and undoes the permutations: a plain tree in the original or
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 import re
 import zlib
 from collections.abc import Mapping
+from typing import ClassVar
 
 import flax.linen as nn
 import jax

@@ -257,10 +257,10 @@ def init_key(config) -> jax.Array:
 def _split_as_state(setup: Setup, params: dict) -> tuple[dict, dict]:
     """``(trainable, frozen)`` of plain params, the frozen part in the state's dtypes."""
     trainable, frozen = tree_lib.split(params, setup.trainable)
-    frozen_shapes = setup.abstract_state["frozen"]
-    cast = jax.jit(lambda tree: jax.tree.map(lambda x, s: x.astype(s.dtype), tree, frozen_shapes),
-                   out_shardings=setup.state_shardings["frozen"])
-    return trainable, cast(frozen)
+    # Elementwise, so each leaf keeps its sharding; a leaf already in its dtype is not copied.
+    frozen = jax.tree.map(lambda x, s: x if x.dtype == s.dtype else x.astype(s.dtype), frozen,
+                          setup.abstract_state["frozen"])
+    return trainable, frozen
 
 
 def init_state(config, setup: Setup) -> dict:
