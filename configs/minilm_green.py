@@ -4,16 +4,15 @@ tensors with the most loss decrease per backward FLOP train, with the classifier
 budget of ``budget`` x full fine-tuning's FLOPs (XLA); 150 steps at full fine-tuning's learning
 rate, like the merge runs (``minilm_soup.py``).
 
-Loading this config chooses the tensors (research.sparse.green.select: importance from
+The run chooses the tensors before its first step (GreenTrainer.prepare: importance from
 ``batches`` training batches, costs from the step's autodiff graph, checked by XLA), about a
-minute on CPU; set the budget with the argument, not with --config.method.flops_budget.
+minute on CPU.
 
     python -m launch.main --config configs/minilm_green.py:budget=0.5 --workdir runs/green_50
     python -m launch.main --config configs/minilm_green.py:quick ...   (smoke test)
 """
 
 from configs import common, minilm_soup
-from research.sparse import green
 
 
 def get_config(arg: str | None = None):
@@ -23,5 +22,4 @@ def get_config(arg: str | None = None):
                                     f"task={args.task}" + (",quick" if args.quick else ""))
     config.method = dict(name="green", flops_budget=args.budget,
                          importance_batches=1 if args.quick else args.batches, selected=())
-    config.method.selected = green.select(config).trainable
     return config

@@ -20,7 +20,6 @@ KERNELS = ((r"encoder/.*/kernel", True),)
 def run_params(config, workdir: str):
     """``(pretrained params, fine-tuned params with any LoRA merged)`` of a finished run."""
     from research import tree
-    from research.lowrank import dora, lora
     from research.models import hf
     from research.train import checkpoint, loop
 
@@ -33,10 +32,7 @@ def run_params(config, workdir: str):
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
     _, state, _ = restored
     tuned = tree.combine(state["trainable"], state["frozen"])
-    if isinstance(setup.method, dora.DoRA):
-        tuned = dora.merge(tuned, setup.method)
-    elif isinstance(setup.method, lora.LoRA):
-        tuned = lora.merge(tuned, setup.method)
+    tuned = setup.method.export(tuned)  # LoRA and DoRA merged into their kernels
     _, base = hf.load_pretrained(config.model.pretrained, model=model)
     return base, tuned
 

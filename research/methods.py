@@ -1,44 +1,92 @@
 """The one seam through which a method enters a training run.
 
-A method may (1) add leaves of its own beside the model's (LoRA factors beside kernels, a mask,
-a prompt), with logical axes for sharding, optionally from statistics of a few training batches
-(CorDA's input covariances); (2) name the leaves that train by default; (3) wrap
-``module.apply`` to use its leaves at named sites of the blocks (Flax method interception), so
-model code never knows about it; and (4) add terms to the training loss (a regulariser, a
-distillation loss). Plain fine-tuning does none of this.
-``config.method.name`` picks the method; the rest of ``config.method`` are its options.
+A method's life in a run, each step one method of :class:`Method`:
+
+1. ``prepare(context)`` on the host, before any shape is known: what the method must decide
+   from the run itself (GreenTrainer ranks tensors on a few batches; grafting reads the
+   fine-tuned run's checkpoint). Returns the configured method.
+2. ``calibrate`` and ``init`` (pure, traced): the method's own leaves beside the model's
+   (LoRA factors beside kernels, a mask, a prompt), optionally from statistics of a few
+   training batches (CorDA's input covariances); ``logical_axes`` shards them.
+3. ``trainable_for``: the leaves that train by default.
+4. ``apply``: the model's outputs with the method's leaves used at named sites of the blocks
+   (:mod:`research.sites`), so model code never knows about it, plus loss terms (a
+   regulariser, a distillation loss), which the loop adds to the task loss, and metrics, which
+   it only logs. The loop reads both in training steps only; a method may skip costly ones
+   outside training (``deterministic=False`` marks a training call: :func:`training`).
+5. ``export(params)``: plain model params with the method folded in (LoRA merged, the grafted
+   model), keeping only the leaves that cannot fold (a prompt). ``init_from``, the analysis
+   tools and the HF exporter read runs through it.
+
+Methods register under a name with :func:`register`; ``config.method.name`` picks one and the
+rest of ``config.method`` are its options. A new method is one new file in a family folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import ClassVar
+import pkgutil
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, NamedTuple
 
-# name -> "module:factory"; a new method adds its file and one line here, never a loop change.
-REGISTRY = {
-    "full": "research.methods:Method",
-    "lora": "research.lowrank.lora:LoRA",
-    "dora": "research.lowrank.dora:DoRA",
-    "pela": "research.lowrank.pela:PELA",
-    "pego": "research.lowrank.pego:PEGO",
-    "dept": "research.lowrank.dept:DePT",
-    "multi_lora": "research.lowrank.adapters:MultiLoRA",
-    "sparse": "research.sparse.sparse_ft:SparseFT",
-    "bitfit": "research.sparse.selection:bitfit",
-    "ln_tuning": "research.sparse.selection:ln_tuning",
-    "lightweight": "research.sparse.selection:lightweight",
-    "last_layer": "research.sparse.selection:last_layer",
-    "hft": "research.sparse.hft:HFT",
-    "green": "research.sparse.green:GreenTrainer",
-    "s2ft": "research.sparse.s2ft:S2FT",
-    "graft": "research.sparse.learned_masks:Graft",
-    "mask_tuning": "research.sparse.learned_masks:MaskTuning",
-    "subspace": "research.sparse.subspace:Subspace",
-    "sparse_reg": "research.sparse.prune:SparseRegularised",
-}
+# The packages whose modules define methods: every module in them is imported on first lookup,
+# so a method's file registering itself is all it takes.
+FAMILIES = ("research.lowrank", "research.sparse")
+_REGISTRY: dict[str, Callable[..., Method]] = {}
 
 
+def register(name: str):
+    """Class or factory decorator: ``config.method.name=name`` builds it."""
+    def add(factory):
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"method name {name!r} is registered twice: by "
+                             f"{_REGISTRY[name].__module__} and {factory.__module__}")
+        _REGISTRY[name] = factory
+        return factory
+    return add
+
+
+def registry() -> dict[str, Callable[..., Method]]:
+    """``{name: factory}`` of every method (importing the families' modules once)."""
+    for family in FAMILIES:
+        package = importlib.import_module(family)
+        for info in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{family}.{info.name}")
+    return dict(sorted(_REGISTRY.items()))
+
+
+class Applied(NamedTuple):
+    """What :meth:`Method.apply` returns: the model's outputs, loss terms (each already
+    weighted, a mean over the batch; the loop adds them to the task's mean loss) and metrics
+    (logged as ``train/NAME``, never differentiated)."""
+    outputs: Any
+    losses: dict = {}
+    metrics: dict = {}
+
+
+def training(kwargs) -> bool:
+    """Whether an ``apply`` call is a training step: the loop passes ``deterministic=False``."""
+    return kwargs.get("deterministic", True) is False
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What ``prepare`` may read of the run, all lazily (a method that needs none pays none).
+
+    config: the whole run config. model: the built model (shapes, module, dummy inputs).
+    params(): the run's initial model params (pretrained or fresh, as the run would start).
+    batches(): a fresh iterator over training batches (its own loader: the run's stream is
+    untouched). read_checkpoint(workdir): another run's final params, exported plain.
+    """
+    config: Any
+    model: Any
+    params: Callable[[], dict]
+    batches: Callable[[], Iterator[dict]]
+    read_checkpoint: Callable[[str], dict]
+
+
+@register("full")
 @dataclasses.dataclass(frozen=True)
 class Method:
     """Full fine-tuning: no extra leaves, everything trains, plain apply."""
@@ -49,6 +97,11 @@ class Method:
     # every layer: true when its ``apply`` ignores layer paths or reads them through
     # ``layers.module_path`` and a layer view (LoRA); false for methods keyed by layer path.
     scannable: ClassVar[bool] = True
+
+    def prepare(self, context: Context) -> Method:
+        """The method configured for this run, from what only the run knows (host side)."""
+        del context
+        return self
 
     def trainable_for(self, shapes: dict) -> tuple[str, ...] | None:
         """Regexes of the leaves that train, given every leaf's shape (``init``'s output). Most
@@ -74,23 +127,24 @@ class Method:
         del shapes
         return logical
 
-    def apply(self, module, variables, *args, **kwargs):
-        return module.apply(variables, *args, **kwargs)
+    def apply(self, module, variables, *args, **kwargs) -> Applied:
+        """The model run with the method: outputs, loss terms and metrics (see :class:`Applied`)."""
+        return Applied(module.apply(variables, *args, **kwargs))
 
-    def apply_with_losses(self, module, variables, *args, **kwargs):
-        """``(outputs, {name: scalar})`` for a training step: the loop adds each scalar (already
-        weighted, a mean over the batch) to the task's mean loss and logs it as ``train/name``."""
-        return self.apply(module, variables, *args, **kwargs), {}
+    def export(self, params: dict) -> dict:
+        """Plain model params with the method folded in; leaves that cannot fold are kept."""
+        return params
 
 
 def build(config) -> Method:
-    """The method ``config.name`` with the other keys of ``config`` as options."""
+    """The method ``config.name`` with the other keys of ``config`` as options (not yet
+    prepared: see :meth:`Method.prepare`)."""
     options = dict(config or {})
     name = options.pop("name", "full")
-    if name not in REGISTRY:
-        raise ValueError(f"config.method.name={name!r} is not one of {sorted(REGISTRY)}")
-    module_name, factory = REGISTRY[name].split(":")
+    factories = registry()
+    if name not in factories:
+        raise ValueError(f"config.method.name={name!r} is not one of {sorted(factories)}")
     try:
-        return getattr(importlib.import_module(module_name), factory)(**options)
+        return factories[name](**options)
     except TypeError as err:
         raise ValueError(f"config.method for {name!r}: {err}") from None

@@ -56,7 +56,7 @@ def forward(model, method, params, ids, mask, types):
         if method is None:
             out = model.module.apply({"params": params}, ids, mask, types)
         else:
-            out = method.apply(model.module, {"params": params}, ids, mask, types)
+            out = method.apply(model.module, {"params": params}, ids, mask, types).outputs
     return out, seen["x"]
 
 
@@ -158,7 +158,7 @@ def test_gradients_reach_the_prompt_and_both_factors(tiny):
     def grads(trainable):
         def loss(trainable):
             logits = METHOD.apply(model.module, {"params": tree.combine(trainable, frozen)},
-                                  ids, mask_, types)
+                                  ids, mask_, types).outputs
             return -jnp.mean(jax.nn.log_softmax(logits)[:, 0])
         return jax.grad(loss)(trainable)
 

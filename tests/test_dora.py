@@ -112,17 +112,17 @@ def test_magnitude_scales_the_layer_output():
     params = nn.unbox(module.init(jax.random.key(0), x))["params"]
     method = DoRA(targets=((r".*/kernel", 2),))
     moved = randomize_magnitudes(randomize_factors(method.init(jax.random.key(1), params)))
-    hidden, heads = method.apply(module, {"params": moved}, x)
+    hidden, heads = method.apply(module, {"params": moved}, x).outputs
     bias = moved["dense"]["bias"]
 
     # Doubling the Dense magnitude doubles its output (less the bias); the direction stays.
     doubled = tree.map_with_path(lambda p, v: 2 * v if p == "dense/dora_m" else v, moved)
-    hidden2, _ = method.apply(module, {"params": doubled}, x)
+    hidden2, _ = method.apply(module, {"params": doubled}, x).outputs
     np.testing.assert_allclose(hidden2 - bias, 2 * (hidden - bias), rtol=1e-5, atol=1e-6)
     # Per output feature: scaling m[j] scales feature j alone.
     one = tree.map_with_path(
         lambda p, v: v.at[1, 2].multiply(3.0) if p == "heads/dora_m" else v, moved)
-    _, heads3 = method.apply(module, {"params": one}, x)
+    _, heads3 = method.apply(module, {"params": one}, x).outputs
     ratio = (heads3 - moved["heads"]["bias"]) / (heads - moved["heads"]["bias"])
     expected = np.ones((2, 3))
     expected[1, 2] = 3.0

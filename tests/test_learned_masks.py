@@ -83,6 +83,10 @@ def _trees_equal(a, b):
                                       err_msg=path)
 
 
+# What ``prepare`` reads: a fine-tuning run's exported checkpoint, as the loop gives it.
+READER = methods.Context(None, None, None, None, loop.exported_params)
+
+
 # ---------------------------------------------------------------------------------------------
 # Grafting
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +95,7 @@ def _trees_equal(a, b):
 @pytest.fixture(scope="module")
 def grafted(tiny):
     _, pre, _, runs = tiny
-    method = Graft(finetuned=runs["finetuned"], density=0.03)
+    method = Graft(finetuned=runs["finetuned"], density=0.03).prepare(READER)
     return method, jax.jit(method.init)(jax.random.key(0), pre)
 
 
@@ -179,9 +183,10 @@ def test_graft_bad_options_are_one_line_errors(tiny, tmp_path):
          r"Graft graft rules \[\('pooler/\.\*', False\)\] select no leaf"),
         (lambda: Graft(finetuned=workdir, head=(r"pooler/.*",)).plan(pre),
          r"'pooler/bias' is both grafted and head"),
-        (lambda: Graft(finetuned=str(tmp_path)).init(jax.random.key(0), pre),
-         "has no checkpoints folder"),
-        (lambda: Graft(finetuned=workdir).init(jax.random.key(0), _random(
+        (lambda: Graft(finetuned=str(tmp_path)).prepare(READER), "has no checkpoints folder"),
+        (lambda: Graft(finetuned=workdir).init(jax.random.key(0), pre),
+         r"Graft has not read θft .*; prepare it"),
+        (lambda: Graft(finetuned=workdir).prepare(READER).init(jax.random.key(0), _random(
             loop.build_model(_config(dict(name="full"))).param_shapes() | {
                 "classifier": {"kernel": jax.ShapeDtypeStruct((16, 3), jnp.float32),
                                "bias": jax.ShapeDtypeStruct((3,), jnp.float32)}}, 0)),
@@ -238,8 +243,8 @@ def _with_scores(pre, shift=0.0, seed=4):
 
 
 def _loss(method, params, rng):
-    logits, terms = method.apply_with_losses(TOY, {"params": params}, INPUTS,
-                                             deterministic=False, rngs={"dropout": rng})
+    logits, terms, _ = method.apply(TOY, {"params": params}, INPUTS,
+                                    deterministic=False, rngs={"dropout": rng})
     task = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), LABELS[:, None], 1))
     return task + sum(terms.values())
 
@@ -266,7 +271,7 @@ def test_mask_tuning_forward_uses_exactly_the_binary_mask(toy):
     # Kept entries are the pretrained ones bit for bit, masked ones zero, other leaves as given.
     _trees_equal(jax.jit(PLAIN.masked_params)(params), masked)
     np.testing.assert_array_equal(
-        jax.jit(lambda p: PLAIN.apply(TOY, {"params": p}, INPUTS))(params),
+        jax.jit(lambda p: PLAIN.apply(TOY, {"params": p}, INPUTS).outputs)(params),
         _plain_forward(masked))
     assert 0.3 < float(PLAIN.sparsity(params)) < 0.7
     _trees_equal(PLAIN.masks(params), tree.map_with_path(
@@ -314,7 +319,7 @@ def test_gradient_dropout_in_the_step(toy):
     teacher = _plain_forward(toy)
 
     def distill(p):
-        return lm.distillation_loss(PLAIN.apply(TOY, {"params": p}, INPUTS), teacher)
+        return lm.distillation_loss(PLAIN.apply(TOY, {"params": p}, INPUTS).outputs, teacher)
 
     toward = tree.flatten(jax.jit(jax.grad(distill))(params))
     zeroed, expected = [], []

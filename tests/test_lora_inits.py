@@ -76,7 +76,7 @@ def test_init_from_the_weight_leaves_outputs_unchanged(tiny, adapt, init):
         np.testing.assert_allclose(flat[path] + update, before[path], atol=1e-5, err_msg=path)
     ids, mask, types = token_batch(seed=3)
     base = model.module.apply({"params": params}, ids, mask, types)
-    ours = method.apply(model.module, {"params": adapted}, ids, mask, types)
+    ours = method.apply(model.module, {"params": adapted}, ids, mask, types).outputs
     for x, y in zip(base, ours):
         np.testing.assert_allclose(y, x, rtol=0, atol=1e-4)
 
@@ -169,7 +169,8 @@ def test_corda_through_the_training_loop_leaves_outputs_unchanged(tmp_path):
 
     batch = random_batch(setup)
     inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], True)
-    ours = setup.method.apply(model.module, {"params": adapted}, *inputs, method="encode")
+    ours = setup.method.apply(model.module, {"params": adapted}, *inputs,
+                              method="encode").outputs
     theirs = model.module.apply({"params": base}, *inputs, method="encode")
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)  # the encoder's output
 
@@ -213,8 +214,8 @@ def test_a_trained_pissa_adapter_converts_to_plain_lora_over_the_original_base(t
         np.testing.assert_allclose(flat[path], tree.flatten(params)[path], atol=1e-5)
         assert flat[path.replace("kernel", "lora_a")].shape[-1] == 2 * (3 if "wi" in path else 4)
     ids, mask, types = token_batch(seed=4)
-    expected = method.apply(model.module, {"params": trained}, ids, mask, types)
-    got = plain.apply(model.module, {"params": converted}, ids, mask, types)
+    expected = method.apply(model.module, {"params": trained}, ids, mask, types).outputs
+    got = plain.apply(model.module, {"params": converted}, ids, mask, types).outputs
     for x, y in zip(expected, got):
         np.testing.assert_allclose(x, y, atol=1e-4)
     with pytest.raises(ValueError, match=r"init_weights='pissa' lives on residual base "

@@ -38,7 +38,7 @@ def tiny():
 def forward(model, method, params, ids, mask, types):
     if method is None:
         return model.module.apply({"params": params}, ids, mask, types)
-    return method.apply(model.module, {"params": params}, ids, mask, types)
+    return method.apply(model.module, {"params": params}, ids, mask, types).outputs
 
 
 def test_update_is_the_sum_of_the_modules_updates(tiny):

@@ -72,7 +72,7 @@ def test_gqa_permutes_whole_key_value_groups_and_swiglu_channels():
     np.testing.assert_array_equal(np.sort(flat[mlp.order_path][:4]),
                                   np.sort(np.argsort(-norms)[:4]))
     np.testing.assert_allclose(apply(params), jax.jit(lambda p: method.apply(
-        model.module, {"params": p}, ids))(adapted), rtol=0, atol=1e-5)
+        model.module, {"params": p}, ids).outputs)(adapted), rtol=0, atol=1e-5)
     jax.tree.map(np.testing.assert_array_equal, s2ft.merge(adapted), params)
 
 

@@ -173,6 +173,25 @@ def test_bad_options_are_one_line_errors(config, message):
     assert "\n" not in str(info.value)
 
 
+def test_a_green_run_selects_in_prepare_from_its_own_params_and_batches(tmp_path):
+    """``make_setup`` runs GreenTrainer.prepare: the plan ``select`` makes of the run's initial
+    params and first training batches, nothing chosen when the config is loaded."""
+    config = _config(dict(name="green", flops_budget=0.6, importance_batches=2),
+                     mesh=dict(data=-1))
+    config.model.overrides.vocab_size = 30522  # real WordPiece ids
+    config.data.data_dir = str(tmp_path)
+    config.data.options = dict(max_length=16)
+    model = loop.build_model(config)
+    setup = loop.make_setup(config, model, 3)
+    batches = iter(loop.make_loader(config, "train", training=True, batch_size=8))
+    expected = green.select(config, loop.model_params(config, model),
+                            [next(batches) for _ in range(2)]).trainable
+    assert setup.method.selected == expected and expected
+    trained = {p for p, t in tree.flatten(setup.trainable).items() if t}
+    assert trained == {p.replace("\\", "") for p in expected} | {"classifier/kernel",
+                                                                  "classifier/bias"}
+
+
 def test_green_without_a_plan_and_stale_rules_are_one_line_errors():
     shapes = models.build("bert_tiny_classifier", **SMALL).param_shapes()
     with pytest.raises(ValueError, match="config.method.selected is empty"):

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import common
 from research import methods, tree
+from research.lowrank import lora as lora_lib
 from research.train import checkpoint, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,6 +172,41 @@ def test_a_run_starts_from_another_runs_final_params(tmp_path, data_dir):
     assert "\n" not in str(info.value)
 
 
+def test_init_from_reads_a_run_through_its_methods_export(tmp_path, data_dir):
+    """A LoRA run starts the next run as its merged model (not its base); a prompt, which
+    cannot fold, starts the next run's prompt of the same shape (PVP's progressive prompts)."""
+    def run(name, workdir, init_from="", **method):
+        config = tiny_config(steps=2, final_eval_splits=())
+        config.data.data_dir = data_dir
+        config.method = dict(name=name, **method)
+        config.model.init_from = init_from
+        loop.train(config, str(workdir))
+        return config
+
+    lora = dict(targets=((r"encoder/.*/attn/query/kernel", 2),), alpha=8.0)
+    run("lora", tmp_path / "lora", **lora)
+    saved = jax.device_get(checkpoint.final_params(str(tmp_path / "lora")))
+    merged = lora_lib.merge(saved, lora_lib.LoRA(**lora))
+
+    def start(config):
+        setup = loop.make_setup(config, loop.build_model(config), 2, devices=jax.devices()[:1])
+        return jax.device_get(loop.init_params(config, setup, loop.init_key(config)))
+
+    config = tiny_config(steps=2)
+    config.model.init_from = str(tmp_path / "lora")
+    chex.assert_trees_all_close(start(config), merged, atol=1e-6)
+    kernel = "encoder/layer_0/attn/query/kernel"
+    assert not np.allclose(tree.flatten(merged)[kernel], tree.flatten(saved)[kernel])
+
+    dept = dict(prompt_length=3, rank=2)
+    run("dept", tmp_path / "dept", **dept)
+    prompt = tree.flatten(checkpoint.final_params(str(tmp_path / "dept")))["embeddings/prompt"]
+    config = tiny_config(steps=2)
+    config.model.init_from = str(tmp_path / "dept")
+    config.method = dict(name="dept", **dept)
+    np.testing.assert_array_equal(tree.flatten(start(config))["embeddings/prompt"], prompt)
+
+
 def test_checkpoint_of_a_different_model_is_a_one_line_error(tmp_path, data_dir):
     config = tiny_config(steps=2, final_eval_splits=())
     config.data.data_dir = data_dir
@@ -223,13 +259,13 @@ class CalibratedPenalty(methods.Method):
     def logical_axes(self, logical, shapes):
         return {**logical, "offset": ()}
 
-    def apply_with_losses(self, module, variables, *args, **kwargs):
-        return self.apply(module, variables, *args, **kwargs), {
-            "penalty": 0.5 * variables["params"]["offset"] ** 2}
+    def apply(self, module, variables, *args, **kwargs):
+        return methods.Applied(module.apply(variables, *args, **kwargs), {
+            "penalty": 0.5 * variables["params"]["offset"] ** 2})
 
 
 def test_a_method_can_calibrate_on_training_batches_and_add_a_loss_term(monkeypatch, data_dir):
-    monkeypatch.setitem(methods.REGISTRY, "calibrated_penalty", f"{__name__}:CalibratedPenalty")
+    monkeypatch.setitem(methods._REGISTRY, "calibrated_penalty", CalibratedPenalty)
     config = tiny_config(steps=1)
     config.data.data_dir = data_dir
     config.method = dict(name="calibrated_penalty", trainable=("offset",))

@@ -28,7 +28,7 @@ import numpy as np
 
 from research import tree
 from research.lowrank.extract import TARGET_LEAVES, default_input_axes
-from research.lowrank.init import _mm, as_matrix
+from research.lowrank.init import matmul, as_matrix
 
 SIDES = ("output", "input")
 
@@ -50,7 +50,7 @@ def _max_similarities_2d(w0, w, k: int, side: str):
     u0, _, vh0 = jnp.linalg.svd(w0, full_matrices=False)
     u, _, vh = jnp.linalg.svd(w, full_matrices=False)
     base, tuned = _vectors(u0, vh0, side), _vectors(u, vh, side)[:k]
-    return jnp.max(jnp.abs(_mm(tuned, base.T)), axis=1)
+    return jnp.max(jnp.abs(matmul(tuned, base.T)), axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "n_in", "side"))
@@ -83,9 +83,9 @@ def scale_intruders(w0, w, factor, k: int = 10, epsilon=0.5, n_in: int = 1,
     u0, _, vh0 = jnp.linalg.svd(w0_2, full_matrices=False)
     u, s, vh = jnp.linalg.svd(w_2, full_matrices=False)
     base, tuned = _vectors(u0, vh0, side), _vectors(u, vh, side)[:k]
-    sims = jnp.max(jnp.abs(_mm(tuned, base.T)), axis=1)
+    sims = jnp.max(jnp.abs(matmul(tuned, base.T)), axis=1)
     weight = jnp.where(sims < epsilon, s[:k], 0.0) * (jnp.asarray(factor, jnp.float32) - 1.0)
-    update = _mm(u[:, :k] * weight, vh[:k])
+    update = matmul(u[:, :k] * weight, vh[:k])
     return (w_2 + update).reshape(w.shape).astype(jnp.asarray(w).dtype)
 
 

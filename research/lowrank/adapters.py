@@ -28,11 +28,11 @@ Usage::
 
     save_adapter("runs/sql/adapter", lora_method, params)   # params: base + factors
     method, adapter = load_adapter("runs/sql/adapter")
-    outputs = method.apply(model.module, {"params": attach(base, adapter)}, **inputs)
+    outputs = method.apply(model.module, {"params": attach(base, adapter)}, **inputs).outputs
 
     both = MultiLoRA(adapters=(("sql", method), ("chat", chat_method)), weights=(1.0, 0.5))
     params = attach(attach(base, adapter, "sql"), chat_adapter, "chat")
-    outputs = both.apply(model.module, {"params": params}, **inputs)
+    outputs = both.apply(model.module, {"params": params}, **inputs).outputs
 
     stacked = stack_adapters(base, [load_adapter(d) for d in directories])
     serve = jax.jit(mixed_apply, static_argnums=0)
@@ -48,33 +48,21 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from research import tree
-from research.lowrank.lora import (A, B, FACTOR_PATTERN, TARGET_LEAVES, LoRA, compute_dtype_of,
-                                   input_axes_of, lora_factors, low_rank)
-from research.lowrank.peft import _write_atomically
-from research.methods import Method
-from research.models.layers import MultiAxisDense
+from research import files, sites, tree
+from research.lowrank.lora import A, B, FACTOR_PATTERN, TARGET_LEAVES, LoRA, lora_factors, low_rank
+from research.lowrank.lora import merge as merge_lora
+from research.methods import Applied, Method, register, training
 
 CONFIG, WEIGHTS = "adapter.json", "adapter.safetensors"
 FORMAT = "scion-lora-adapter/1"
 ADAPTERS = "lora"  # the subtree holding named adapters: {module}/lora/{name}/a|b
 _NAMED = re.compile(rf"(?:(.*)/)?{ADAPTERS}/([^/]+)/(a|b)")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
-_LAYERS = (nn.Dense, MultiAxisDense, nn.Embed)
-
-
-def _join(*parts: str) -> str:
-    return tree.SEP.join(part for part in parts if part)
-
-
-def _parent(path: str) -> str:
-    return path.rpartition(tree.SEP)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +86,7 @@ def save_adapter(directory: str, method: LoRA, params) -> None:
     def write_config(path):
         with open(path, "w") as file:
             file.write(text)
-    _write_atomically(directory, {WEIGHTS: lambda path: safetensors.numpy.save_file(tensors, path),
+    files.write_atomically(directory, {WEIGHTS: lambda path: safetensors.numpy.save_file(tensors, path),
                                   CONFIG: write_config})
 
 
@@ -130,9 +118,9 @@ def _by_module(flat_adapter: Mapping, what: str = "adapter") -> dict[str, tuple]
         if leaf not in (A, B):
             raise ValueError(f"{what}: leaf {path!r} is not a LoRA factor ({A} or {B})")
         for name in (A, B):
-            if _join(module, name) not in flat_adapter:
-                raise ValueError(f"{what}: factor {path!r} has no partner {_join(module, name)!r}")
-        modules[module] = (flat_adapter[_join(module, A)], flat_adapter[_join(module, B)])
+            if sites.join(module, name) not in flat_adapter:
+                raise ValueError(f"{what}: factor {path!r} has no partner {sites.join(module, name)!r}")
+        modules[module] = (flat_adapter[sites.join(module, A)], flat_adapter[sites.join(module, B)])
     return modules
 
 
@@ -144,7 +132,7 @@ def attach(params, adapter, name: str | None = None) -> dict:
         raise ValueError(f"adapter name {name!r} is not a plain path component "
                          f"({_NAME.pattern})")
     flat = dict(tree.flatten(params))
-    targets = {_parent(p): p for p in flat if p.rpartition(tree.SEP)[2] in TARGET_LEAVES}
+    targets = {sites.parent(p): p for p in flat if p.rpartition(tree.SEP)[2] in TARGET_LEAVES}
     for module, (a, b) in _by_module(tree.flatten(adapter)).items():
         if module not in targets:
             near = ", ".join(tree.closest_paths(module, targets))
@@ -155,8 +143,8 @@ def attach(params, adapter, name: str | None = None) -> dict:
         if a.shape[-1] != b.shape[0] or made != shape:
             raise ValueError(f"adapter for {module}: {A} {tuple(a.shape)} and {B} "
                              f"{tuple(b.shape)} make {made}; the base's {target} is {shape}")
-        paths = ((_join(module, A), _join(module, B)) if name is None else
-                 (_join(module, ADAPTERS, name, "a"), _join(module, ADAPTERS, name, "b")))
+        paths = ((sites.join(module, A), sites.join(module, B)) if name is None else
+                 (sites.join(module, ADAPTERS, name, "a"), sites.join(module, ADAPTERS, name, "b")))
         for path, value in zip(paths, (a, b)):
             if path in flat:
                 raise ValueError(f"{path!r} is already in params; detach it first")
@@ -173,7 +161,7 @@ def detach(params, name: str | None = None) -> tuple[dict, dict]:
         if name is None and re.fullmatch(FACTOR_PATTERN, path):
             adapter[path] = value
         elif name is not None and match and match.group(2) == name:
-            adapter[_join(match.group(1), A if match.group(3) == "a" else B)] = value
+            adapter[sites.join(match.group(1), A if match.group(3) == "a" else B)] = value
         else:
             rest[path] = value
     return tree.unflatten(rest), tree.unflatten(adapter)
@@ -194,26 +182,17 @@ def _apply_with(module, variables, args, kwargs, modules, delta):
     """``module.apply`` with ``delta(layer, path, inputs, input_axes)`` added to the output of
     each Dense, MultiAxisDense and Embed call at a path in ``modules``. A path never reached is
     an error: its factors would silently do nothing."""
-    seen = set()
+    called = set()
 
-    def intercept(next_fun, call_args, call_kwargs, context):
-        layer, y = context.module, next_fun(*call_args, **call_kwargs)
-        if context.method_name != "__call__" or not isinstance(layer, _LAYERS):
+    def add(call: sites.Call):
+        y = call.output()
+        if call.path not in modules:
             return y
-        path = tree.SEP.join(layer.path)
-        seen.add(path)
-        if path not in modules:
-            return y
-        inputs = call_args[0] if call_args else next(iter(call_kwargs.values()))
-        return y + delta(layer, path, inputs, input_axes_of(layer)).astype(y.dtype)
+        return y + delta(call.layer, call.path, call.inputs, call.input_axes).astype(y.dtype)
 
-    with nn.intercept_methods(intercept):
+    with sites.intercept(add, lambda layer: isinstance(layer, sites.LAYERS), seen=called):
         outputs = module.apply(variables, *args, **kwargs)
-    unused = [path for path in modules if path not in seen]
-    if unused:
-        near = ", ".join(tree.closest_paths(unused[0], sorted(seen)))
-        raise ValueError(f"adapter factors at {unused[0]!r} sit at no nn.Dense, MultiAxisDense "
-                         f"or nn.Embed call; closest: {near}")
+    sites.check_reached(modules, called, what="adapter factors", called=called)
     return outputs
 
 
@@ -228,6 +207,7 @@ def _check_axes(path, a, n_in, leading=0):
 # ---------------------------------------------------------------------------------------------
 
 
+@register("multi_lora")
 @dataclasses.dataclass(frozen=True)
 class MultiLoRA(Method):
     """Named LoRA adapters, all active (``config.method = dict(name='multi_lora', ...)``).
@@ -313,34 +293,33 @@ class MultiLoRA(Method):
             if not match:
                 continue
             module, name, which = match.groups()
-            targets = [_join(module, leaf) for leaf in TARGET_LEAVES
-                       if _join(module, leaf) in flat_shapes]
+            targets = [sites.join(module, leaf) for leaf in TARGET_LEAVES
+                       if sites.join(module, leaf) in flat_shapes]
             if len(targets) != 1:
                 raise ValueError(f"adapter factor {path!r} needs exactly one of "
                                  f"{'/'.join(TARGET_LEAVES)} beside {ADAPTERS}/; found {targets}")
             target = targets[0]
             axes = tuple(flat_logical.get(target) or ())
             axes += (None,) * (len(flat_shapes[target].shape) - len(axes))
-            n_in = len(flat_shapes[_join(module, ADAPTERS, name, "a")].shape) - 1
+            n_in = len(flat_shapes[sites.join(module, ADAPTERS, name, "a")].shape) - 1
             flat_logical[path] = (*axes[:n_in], None) if which == "a" else (None, *axes[n_in:])
         return tree.unflatten(flat_logical)
 
-    def apply(self, module, variables, *args, **kwargs):
+    def apply(self, module, variables, *args, **kwargs) -> Applied:
         """``module.apply`` with every listed adapter's low-rank path added; dropout on those
-        paths (each adapter's ``dropout``) is on when the call passes ``deterministic=False``."""
-        training = kwargs.get("deterministic", True) is False
+        paths (each adapter's ``dropout``) is on in training (``deterministic=False``)."""
         active = {}  # module path -> [(adapter, w·s, dropout rate)] in adapter order
         for (name, lora), scales in zip(self.adapters, self.scales(variables["params"]).values()):
             for target, scale in tree.flatten(scales).items():
-                rate = lora.dropout if training else 0.0
-                active.setdefault(_parent(target), []).append((name, float(scale), rate))
+                rate = lora.dropout if training(kwargs) else 0.0
+                active.setdefault(sites.parent(target), []).append((name, float(scale), rate))
 
         def delta(layer, path, inputs, n_in):
             factors = layer.get_variable("params", ADAPTERS)
             total = 0.0
             for name, scale, rate in active[path]:
                 a, b = factors[name]["a"], factors[name]["b"]
-                dtype = compute_dtype_of(layer, inputs, a)
+                dtype = sites.compute_dtype_of(layer, inputs, a)
                 if n_in == 0:
                     rows = jnp.take(a, inputs, axis=0).astype(dtype)
                     total = total + jnp.tensordot(rows * scale, b.astype(dtype), 1)
@@ -353,7 +332,14 @@ class MultiLoRA(Method):
                 total = total + low_rank(x, a.astype(dtype), b.astype(dtype), n_in, scale)
             return total
 
-        return _apply_with(module, variables, args, kwargs, active, delta)
+        return Applied(_apply_with(module, variables, args, kwargs, active, delta))
+
+    def export(self, params: dict) -> dict:
+        """The base with every listed adapter's ``w·s·A·B`` folded in; others stay attached."""
+        for name, scales in self.scales(params).items():
+            rest, adapter = detach(params, name)
+            params = merge_lora(attach(rest, adapter), scales)
+        return params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,14 +364,14 @@ def stack_adapters(params, adapters: Sequence, *, weights: Sequence[float] | Non
     for (method, adapter), weight in zip(adapters, weights):
         factors = _by_module(tree.flatten(adapter))
         scales = tree.flatten(method.scales(attach(params, adapter)))
-        per_adapter.append({_parent(target): (*factors[_parent(target)], weight * s)
+        per_adapter.append({sites.parent(target): (*factors[sites.parent(target)], weight * s)
                             for target, s in scales.items()})
     widest = max(a.shape[-1] for entry in per_adapter for a, _, _ in entry.values())
     if rank is not None and rank < widest:
         raise ValueError(f"stack_adapters: rank={rank} is below the largest adapter rank "
                          f"{widest}")
     rank = rank or widest
-    modules = [_parent(p) for p in tree.flatten(params)
+    modules = [sites.parent(p) for p in tree.flatten(params)
                if p.rpartition(tree.SEP)[2] in TARGET_LEAVES]
     stacked = {}
     for module in (m for m in modules if any(m in entry for entry in per_adapter)):
@@ -404,7 +390,7 @@ def stack_adapters(params, adapters: Sequence, *, weights: Sequence[float] | Non
             a_stack[index, ..., :a.shape[-1]] = np.asarray(a)
             b_stack[index, :b.shape[0]] = np.asarray(b)
         for leaf, value in (("a", a_stack), ("b", b_stack), ("scale", scale)):
-            stacked[_join(module, leaf)] = jnp.asarray(value)
+            stacked[sites.join(module, leaf)] = jnp.asarray(value)
     return tree.unflatten(stacked)
 
 
@@ -427,11 +413,11 @@ def mixed_apply(module, params, stacked, adapter_ids, *args, **kwargs):
     flat = tree.flatten(stacked)
     modules = {}
     for path in flat:
-        site = _parent(path)
-        if not all(_join(site, leaf) in flat for leaf in ("a", "b", "scale")):
+        site = sites.parent(path)
+        if not all(sites.join(site, leaf) in flat for leaf in ("a", "b", "scale")):
             raise ValueError(f"mixed_apply: stacked leaf {path!r} needs a, b and scale beside "
                              f"it (see stack_adapters)")
-        modules[site] = tuple(flat[_join(site, leaf)] for leaf in ("a", "b", "scale"))
+        modules[site] = tuple(flat[sites.join(site, leaf)] for leaf in ("a", "b", "scale"))
     batch = ids.shape[0]
 
     def delta(layer, path, inputs, n_in):
@@ -441,7 +427,7 @@ def mixed_apply(module, params, stacked, adapter_ids, *args, **kwargs):
                              f"leading axis is not the batch of {batch} adapter_ids")
         valid = (ids >= 0) & (ids < scale.shape[0])
         safe = jnp.where(valid, ids, 0)
-        dtype, rank = compute_dtype_of(layer, inputs, a), a.shape[-1]
+        dtype, rank = sites.compute_dtype_of(layer, inputs, a), a.shape[-1]
         if n_in == 0:
             rows = a[safe.reshape((batch,) + (1,) * (inputs.ndim - 1)), inputs]
             hidden, lead = rows.astype(dtype).reshape(batch, -1, rank), inputs.shape

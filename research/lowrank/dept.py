@@ -20,22 +20,18 @@ the prompt always attended and drops the prompt rows from its output, so every h
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research import tree
+from research import sites, tree
 from research.lowrank import lora as lora_lib
-from research.methods import Method
+from research.methods import Applied, Method, register
 
 PROMPT = "prompt"
-
-
-def _parent(path: str) -> str:
-    return path.rpartition(tree.SEP)[0]
 
 
 def _insert(x, rows):
@@ -48,6 +44,7 @@ def _drop(y, n: int):
     return jnp.concatenate([y[:, :1], y[:, 1 + n:]], axis=1)
 
 
+@register("dept")
 @dataclasses.dataclass(frozen=True)
 class DePT(Method):
     """DePT options (``config.method = dict(name='dept', ...)``).
@@ -76,18 +73,18 @@ class DePT(Method):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DePT {key}={value!r} is not a positive integer")
-        if _parent(_parent(self.embedding)) != _parent(_parent(self.positions)):
+        if sites.parent(sites.parent(self.embedding)) != sites.parent(sites.parent(self.positions)):
             raise ValueError(f"DePT embedding={self.embedding!r} and positions="
                              f"{self.positions!r} are not tables of one embeddings module")
         object.__setattr__(self, "also_train", tuple(self.also_train or ()))
         if self.trainable is None:
-            factors = re.escape(_parent(self.positions)) + r"/lora_(a|b)"
+            factors = re.escape(sites.parent(self.positions)) + r"/lora_(a|b)"
             object.__setattr__(self, "trainable",
                                (re.escape(self.prompt_path), factors, *self.also_train))
 
     @property
     def prompt_path(self) -> str:
-        return f"{_parent(_parent(self.embedding))}{tree.SEP}{PROMPT}"
+        return f"{sites.parent(sites.parent(self.embedding))}{tree.SEP}{PROMPT}"
 
     @property
     def lora(self) -> lora_lib.LoRA:
@@ -111,7 +108,7 @@ class DePT(Method):
         prompt_key, a_key = jax.random.split(rng)
         rows = jax.random.randint(prompt_key, (self.prompt_length,), 0, table.shape[0])
         flat[self.prompt_path] = jnp.take(table, rows, axis=0)
-        module, (length, width), dtype = _parent(self.positions), target.shape, table.dtype
+        module, (length, width), dtype = sites.parent(self.positions), target.shape, table.dtype
         # torch's kaiming_uniform_(a=sqrt(5)) on DePT's A [max_length, r]: fan_in is r.
         bound = 1.0 / math.sqrt(self.rank)
         flat[f"{module}/{lora_lib.A}"] = jax.random.uniform(
@@ -124,44 +121,44 @@ class DePT(Method):
         flat[self.prompt_path] = (None, "embed")
         return tree.unflatten(flat)
 
-    def apply(self, module, variables, *args, **kwargs):
+    def apply(self, module, variables, *args, **kwargs) -> Applied:
         flat = tree.flatten(variables["params"])
         if self.prompt_path not in flat:
             raise ValueError(f"DePT prompt {self.prompt_path!r} is not in the params "
                              f"(run DePT.init first)")
         if not any(path.startswith(self.encoder + tree.SEP) for path in flat):
-            modules = {_parent(path) for path in flat}
+            modules = {sites.parent(path) for path in flat}
             raise ValueError(f"DePT encoder={self.encoder!r} is not a module; closest: "
                              f"{', '.join(tree.closest_paths(self.encoder, sorted(modules)))}")
-        with nn.intercept_methods(self._interceptor(flat[self.prompt_path])):
+        word, position = sites.parent(self.embedding), sites.parent(self.positions)
+        handler = functools.partial(_with_prompt, prompt=flat[self.prompt_path], word=word,
+                                    position=position, embeddings=sites.parent(word))
+        with sites.intercept(handler, sites.at({sites.parent(word), word, position,
+                                                self.encoder})):
             return self.lora.apply(module, variables, *args, **kwargs)
 
-    def _interceptor(self, prompt):
-        n = prompt.shape[0]
-        word, position = _parent(self.embedding), _parent(self.positions)
-        embeddings = _parent(word)
+    def export(self, params: dict) -> dict:
+        """The positional pair merged into the table; the prompt stays (it cannot fold)."""
+        return self.lora.export(params)
 
-        def intercept(next_fun, args, kwargs, context):
-            site = tree.SEP.join(context.module.path)
-            if context.method_name != "__call__" or site not in (
-                    embeddings, word, position, self.encoder):
-                return next_fun(*args, **kwargs)
-            if site == embeddings:  # (input_ids, token_type_ids, deterministic)
-                ids, types, *rest = args
-                room = jnp.zeros((ids.shape[0], n), ids.dtype)
-                return next_fun(_insert(ids, room), _insert(types, room), *rest, **kwargs)
-            if site == word:
-                y = next_fun(*args, **kwargs)
-                return _insert(_drop(y, n), jnp.broadcast_to(prompt, (y.shape[0], *prompt.shape)))
-            if site == position:
-                # The text keeps positions 0..L-1, so the pair's row i updates input token i as
-                # in DePT; the prompt gets no position (a free vector needs no fixed offset).
-                (ids,) = args
-                text = jnp.concatenate([ids[:, :1], ids[:, 1 + n:] - n], axis=1)
-                y = next_fun(_insert(text, jnp.zeros((ids.shape[0], n), ids.dtype)), **kwargs)
-                return _insert(_drop(y, n), jnp.zeros((y.shape[0], n, y.shape[2])))
-            x, mask, *rest = args  # the encoder: (x, attention_mask, deterministic)
-            if mask is not None:
-                mask = _insert(mask, jnp.ones((mask.shape[0], n), mask.dtype))
-            return _drop(next_fun(x, mask, *rest, **kwargs), n)
-        return intercept
+
+def _with_prompt(call: sites.Call, prompt, word: str, position: str, embeddings: str):
+    n = prompt.shape[0]
+    if call.path == embeddings:  # (input_ids, token_type_ids, deterministic)
+        ids, types, *rest = call.args
+        room = jnp.zeros((ids.shape[0], n), ids.dtype)
+        return call.run(_insert(ids, room), _insert(types, room), *rest, **call.kwargs)
+    if call.path == word:
+        y = call.output()
+        return _insert(_drop(y, n), jnp.broadcast_to(prompt, (y.shape[0], *prompt.shape)))
+    if call.path == position:
+        # The text keeps positions 0..L-1, so the pair's row i updates input token i as in
+        # DePT; the prompt gets no position (a free vector needs no fixed offset).
+        (ids,) = call.args
+        text = jnp.concatenate([ids[:, :1], ids[:, 1 + n:] - n], axis=1)
+        y = call.run(_insert(text, jnp.zeros((ids.shape[0], n), ids.dtype)), **call.kwargs)
+        return _insert(_drop(y, n), jnp.zeros((y.shape[0], n, y.shape[2])))
+    x, mask, *rest = call.args  # the encoder: (x, attention_mask, deterministic)
+    if mask is not None:
+        mask = _insert(mask, jnp.ones((mask.shape[0], n), mask.dtype))
+    return _drop(call.run(x, mask, *rest, **call.kwargs), n)

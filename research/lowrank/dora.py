@@ -27,9 +27,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research import tree
+from research import sites, tree
 from research.lowrank import lora
 from research.lowrank.lora import A, B, FACTOR_PATTERN, LoRA, factor_pairs
+from research.methods import register
 
 MAGNITUDE = "dora_m"
 MAGNITUDE_PATTERN = rf"(.*/)?{MAGNITUDE}"
@@ -37,7 +38,7 @@ MAGNITUDE_PATTERN = rf"(.*/)?{MAGNITUDE}"
 
 def magnitude_path(target: str) -> str:
     """``.../query/kernel`` -> ``.../query/dora_m``."""
-    return lora._join(lora._parent(target), MAGNITUDE)
+    return sites.join(sites.parent(target), MAGNITUDE)
 
 
 def strip_magnitudes(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -59,6 +60,7 @@ def weight_norm(kernel, a, b, scale):
     return _norm(_adapted(kernel, a, b, scale), a.ndim - 1)
 
 
+@register("dora")
 @dataclasses.dataclass(frozen=True)
 class DoRA(LoRA):
     """DoRA options: LoRA's (``config.method = dict(name='dora', targets=..., ...)``). Targets
@@ -112,13 +114,16 @@ class DoRA(LoRA):
         bias = get("bias").astype(y.dtype) if layer.has_variable("params", "bias") else 0
         return gain * (y - bias + delta.astype(y.dtype)) + bias
 
+    def export(self, params: dict) -> dict:
+        return merge(params, self)
+
 
 def merge(params, scales) -> dict:
     """Fold ``m · (W + s·A·B) / ||W + s·A·B||`` into each adapted kernel and drop the factors
     and magnitudes. ``scales``: the DoRA method, a scale tree or one number (as LoRA's)."""
     flat = dict(tree.flatten(params))
     pairs = factor_pairs(flat)
-    s = lora._scale_map(scales, params, pairs)
+    s = lora.scale_map(scales, params, pairs)
     for path, pair in pairs.items():
         if magnitude_path(path) not in flat:
             raise ValueError(f"DoRA merge: {path} has factors but no {magnitude_path(path)}")

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research import tree
-from research.lowrank.init import _mm, as_matrix, split_shape, to_factors
+from research.lowrank.init import matmul, as_matrix, split_shape, to_factors
 from research.lowrank.lora import A, B, DEFAULT_INPUT_AXES, TARGET_LEAVES
 
 
@@ -47,7 +47,7 @@ def extract_matrix(delta, r: int, n_in: int = 1):
     total = float(jnp.sum(s ** 2))
     kept = float(jnp.sum(s[:r] ** 2))
     norm = float(jnp.linalg.norm(d2))
-    error = float(jnp.linalg.norm(d2 - _mm(a2, b2))) / norm if norm > 0 else 0.0
+    error = float(jnp.linalg.norm(d2 - matmul(a2, b2))) / norm if norm > 0 else 0.0
     a, b = to_factors(a2, b2, delta.shape, n_in)
     return a, b, {"rank": r, "error": error, "energy": kept / total if total > 0 else 1.0}
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 HIGHEST = jax.lax.Precision.HIGHEST
-_mm = functools.partial(jnp.matmul, precision=HIGHEST)
+matmul = functools.partial(jnp.matmul, precision=HIGHEST)
 CORDA_MODES = ("ipm", "kpm")
 
 
@@ -68,7 +68,7 @@ def check_rank(r: int, shape, n_in: int, what: str = "rank") -> None:
 def _result(w, a2, b2, scale, n_in):
     """Factors in W's layout and the residual ``W - s·A·B`` in W's shape and dtype."""
     w2 = as_matrix(w, n_in)
-    residual = w2 - scale * _mm(a2, b2)
+    residual = w2 - scale * matmul(a2, b2)
     a, b = to_factors(a2, b2, w.shape, n_in)
     return a, b, residual.reshape(w.shape).astype(jnp.asarray(w).dtype)
 
@@ -93,12 +93,12 @@ def randomized_svd(m, r: int, *, niter: int = 4, oversample: int = 8, key=None):
     q = min(r + oversample, rows, cols)
     key = jax.random.key(0) if key is None else key
     probes = jax.random.normal(key, (cols, q), jnp.float32)
-    basis, _ = jnp.linalg.qr(_mm(m, probes))
+    basis, _ = jnp.linalg.qr(matmul(m, probes))
     for _ in range(niter):
-        basis, _ = jnp.linalg.qr(_mm(m.T, basis))
-        basis, _ = jnp.linalg.qr(_mm(m, basis))
-    u_small, s, vh = jnp.linalg.svd(_mm(basis.T, m), full_matrices=False)
-    return _mm(basis, u_small)[:, :r], s[:r], vh[:r]
+        basis, _ = jnp.linalg.qr(matmul(m.T, basis))
+        basis, _ = jnp.linalg.qr(matmul(m, basis))
+    u_small, s, vh = jnp.linalg.svd(matmul(basis.T, m), full_matrices=False)
+    return matmul(basis, u_small)[:, :r], s[:r], vh[:r]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def covariance(inputs, n_in: int = 1):
     ``[..., in]``: the leading axes are samples, the last ``n_in`` axes the features (so an
     attention output projection's inputs ``[..., heads, head_dim]`` use ``n_in=2``)."""
     x = _samples(inputs, n_in)
-    return _mm(x.T, x) / max(x.shape[0], 1)
+    return matmul(x.T, x) / max(x.shape[0], 1)
 
 
 def accumulate_covariance(state: CovarianceState | None, inputs, n_in: int = 1):
@@ -188,7 +188,7 @@ def accumulate_covariance(state: CovarianceState | None, inputs, n_in: int = 1):
     one); ``state.covariance()`` is then the covariance over every sample seen. Jit-able with
     a state (the first call, with ``None``, only builds the state)."""
     x = _samples(inputs, n_in)
-    xtx, count = _mm(x.T, x), jnp.asarray(x.shape[0], jnp.int32)
+    xtx, count = matmul(x.T, x), jnp.asarray(x.shape[0], jnp.int32)
     if state is None:
         return CovarianceState(xtx, count)
     if state.xtx.shape != xtx.shape:
@@ -210,7 +210,7 @@ def damped_inverse(c, damp=0.01, *, tolerance: float = 0.05, max_doublings: int 
 
     def error(d):
         fixed, inv = fix(d)
-        return jnp.linalg.norm(_mm(fixed, inv) - eye)
+        return jnp.linalg.norm(matmul(fixed, inv) - eye)
 
     def cond(carry):
         d, steps = carry
@@ -250,8 +250,8 @@ def corda(w, c, r: int, scale=1.0, n_in: int = 1, mode: str = "ipm", *, damp=0.0
         raise ValueError(f"CorDA covariance {tuple(c.shape)} does not match kernel {w.shape}: "
                          f"it needs ({w2.shape[0]}, {w2.shape[0]}) for {n_in} input axes")
     fixed, inv = damped_inverse(c, damp, max_doublings=max_doublings)
-    p, s, qh = jnp.linalg.svd(_mm(fixed, w2), full_matrices=False)
+    p, s, qh = jnp.linalg.svd(matmul(fixed, w2), full_matrices=False)
     pick = slice(None, r) if mode == "ipm" else slice(s.shape[0] - r, None)
     p, s, qh = p[:, pick], s[pick], qh[pick]
     root = jnp.sqrt(s / scale)
-    return _result(w, _mm(inv, p) * root, root[:, None] * qh, scale, n_in)
+    return _result(w, matmul(inv, p) * root, root[:, None] * qh, scale, n_in)

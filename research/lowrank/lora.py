@@ -35,10 +35,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research import tree
+from research import sites, tree
 from research.lowrank import init as init_lib
-from research.methods import Method
-from research.models.layers import MultiAxisDense, module_path
+from research.methods import Applied, Method, register, training
 
 A, B = "lora_a", "lora_b"
 FACTOR_PATTERN = r"(.*/)?lora_(a|b)"
@@ -57,14 +56,6 @@ DEFAULT_CALIBRATION_BATCHES = 8  # CorDA's covariance: 8 batches of training inp
 # ---------------------------------------------------------------------------------------------
 
 
-def _parent(path: str) -> str:
-    return path.rpartition(tree.SEP)[0]
-
-
-def _join(parent: str, name: str) -> str:
-    return f"{parent}{tree.SEP}{name}" if parent else name
-
-
 @dataclasses.dataclass(frozen=True)
 class Pair:
     """One adapted leaf: the base ``target`` (kernel or embedding) and its two factors."""
@@ -74,7 +65,7 @@ class Pair:
 
     @property
     def module(self) -> str:
-        return _parent(self.target)
+        return sites.parent(self.target)
 
     @property
     def embedding(self) -> bool:
@@ -89,10 +80,10 @@ def factor_pairs(flat: Mapping[str, Any]) -> dict[str, Pair]:
         parent, _, name = path.rpartition(tree.SEP)
         if name not in (A, B):
             continue
-        partner = _join(parent, B if name == A else A)
+        partner = sites.join(parent, B if name == A else A)
         if partner not in flat:
             raise ValueError(f"LoRA factor {path!r} has no partner {partner!r}")
-        targets = [_join(parent, leaf) for leaf in TARGET_LEAVES if _join(parent, leaf) in flat]
+        targets = [sites.join(parent, leaf) for leaf in TARGET_LEAVES if sites.join(parent, leaf) in flat]
         if len(targets) != 1:
             raise ValueError(f"LoRA factor {path!r} needs exactly one of "
                              f"{'/'.join(TARGET_LEAVES)} beside it; found {targets}")
@@ -101,7 +92,7 @@ def factor_pairs(flat: Mapping[str, Any]) -> dict[str, Pair]:
     return pairs
 
 
-def _strip_factors(flat: Mapping[str, Any]) -> dict[str, Any]:
+def strip_factors(flat: Mapping[str, Any]) -> dict[str, Any]:
     return {p: v for p, v in flat.items() if p.rpartition(tree.SEP)[2] not in (A, B)}
 
 
@@ -125,6 +116,7 @@ def _tuples(rules) -> tuple:
     return tuple(tuple(rule) if isinstance(rule, list) else rule for rule in (rules or ()))
 
 
+@register("lora")
 @dataclasses.dataclass(frozen=True)
 class LoRA(Method):
     """LoRA options (``config.method = dict(name='lora', ...)``).
@@ -205,7 +197,7 @@ class LoRA(Method):
     def plan(self, params) -> dict[str, Target]:
         """``{kernel or embedding path: Target}`` for ``params`` (arrays or shapes). Rules that
         match nothing, ranks too large and unknown layouts are one-line errors."""
-        flat = _strip_factors(tree.flatten(params))
+        flat = strip_factors(tree.flatten(params))
         candidates = [p for p in flat if p.rpartition(tree.SEP)[2] in TARGET_LEAVES]
         ranks = tree.resolve_rules(self.targets, candidates, what="LoRA target rule")
         chosen = [p for p in candidates if ranks[p]]
@@ -255,20 +247,18 @@ class LoRA(Method):
         other inputs (the pooler's [CLS] vectors, say) count every row."""
         if not self.corda:
             return None
-        targets = {_parent(t.path): t for t in self.plan(params).values()}
+        targets = {sites.parent(t.path): t for t in self.plan(params).values()}
 
         def one_batch(states, batch):
             mask, seen = batch.get("attention_mask"), {}
 
-            def intercept(next_fun, args, kwargs, context):
-                module_path = tree.SEP.join(context.module.path)
-                if context.method_name == "__call__" and module_path in targets:
-                    seen[module_path] = _add_inputs(
-                        seen.get(module_path, states[targets[module_path].path]),
-                        _first_input(args, kwargs), targets[module_path].input_axes, mask)
-                return next_fun(*args, **kwargs)
+            def add(call: sites.Call):
+                target = targets[call.path]
+                seen[call.path] = _add_inputs(seen.get(call.path, states[target.path]),
+                                              call.inputs, target.input_axes, mask)
+                return call.output()
 
-            with nn.intercept_methods(intercept):
+            with sites.intercept(add, sites.at(targets)):
                 module.apply({"params": params}, **batch)
             missing = [t.path for m, t in targets.items() if m not in seen]
             if missing:
@@ -289,8 +279,8 @@ class LoRA(Method):
         flat = dict(tree.flatten(params))
         for index, target in enumerate(self.plan(params).values()):
             kernel, r, n_in = flat[target.path], target.rank, target.input_axes
-            module = _parent(target.path)
-            a_path, b_path = _join(module, A), _join(module, B)
+            module = sites.parent(target.path)
+            a_path, b_path = sites.join(module, A), sites.join(module, B)
             a_shape, b_shape = (*target.shape[:n_in], r), (r, *target.shape[n_in:])
             if a_path in flat or b_path in flat:
                 have = tuple(getattr(flat.get(a_path), "shape", ())), \
@@ -345,17 +335,22 @@ class LoRA(Method):
             flat_logical[pair.b] = (None, *axes[n_in:])
         return tree.unflatten(flat_logical)
 
-    def apply(self, module, variables, *args, **kwargs):
+    def apply(self, module, variables, *args, **kwargs) -> Applied:
         """``module.apply`` with the low-rank path added at every adapted layer. Dropout on
-        that path is on when the call passes ``deterministic=False``."""
+        that path is on in training (``deterministic=False``)."""
         flat_scales = tree.flatten(self.scales(variables["params"]))
-        by_module = {_parent(path): s for path, s in flat_scales.items()}
+        by_module = {sites.parent(path): s for path, s in flat_scales.items()}
         if getattr(getattr(module, "config", None), "scan_layers", False):
             by_module = tree.with_layer_view(by_module, what="the LoRA scale")
-        training = kwargs.get("deterministic", True) is False
-        rate = self.dropout if training else 0.0
-        with nn.intercept_methods(_interceptor(by_module, rate, self.combine)):
-            return module.apply(variables, *args, **kwargs)
+        rate = self.dropout if training(kwargs) else 0.0
+        path = functools.partial(_low_rank_path, scales=by_module, rate=rate,
+                                 combine=self.combine)
+        with sites.intercept(path, sites.holding(A, B)):
+            return Applied(module.apply(variables, *args, **kwargs))
+
+    def export(self, params: dict) -> dict:
+        """The base with ``W + s·A·B`` folded in (:func:`merge`)."""
+        return merge(params, self)
 
     def combine(self, layer: nn.Module, y, delta, scale: float):
         """An adapted layer's output from its own output ``y`` and the low-rank term ``delta``
@@ -369,12 +364,6 @@ class LoRA(Method):
 # ---------------------------------------------------------------------------------------------
 
 
-def _first_input(args, kwargs):
-    if args:
-        return args[0]
-    return next(iter(kwargs.values()))
-
-
 def _add_inputs(state: init_lib.CovarianceState, inputs, n_in: int, mask):
     """``state`` plus one batch of a layer's inputs, padded tokens weighted 0 (see
     :meth:`LoRA.calibrate`)."""
@@ -386,55 +375,23 @@ def _add_inputs(state: init_lib.CovarianceState, inputs, n_in: int, mask):
     return added._replace(count=state.count + jnp.sum(keep).astype(jnp.int32))
 
 
-def input_axes_of(layer: nn.Module) -> int:
-    """How many trailing input axes an adaptable layer contracts: 0 for an embedding lookup,
-    1 for ``nn.Dense``, the kernel's input axes for ``MultiAxisDense`` (read off the layer,
-    not its kernel, so a tree whose kernels were factorised away still works)."""
-    if isinstance(layer, nn.Embed):
-        return 0
-    if isinstance(layer, nn.Dense):
-        return 1
-    if isinstance(layer, MultiAxisDense):
-        return len(layer.kernel_axes) - len(layer.features)
-    raise ValueError(f"low-rank factors at {tree.SEP.join(layer.path)} sit in a "
-                     f"{type(layer).__name__}; they adapt nn.Dense, MultiAxisDense and nn.Embed")
-
-
-def compute_dtype_of(layer: nn.Module, inputs, factor):
-    """The dtype the layer computes in, which its low-rank path follows."""
-    if isinstance(layer, MultiAxisDense):
-        return layer.config.compute_dtype
-    if isinstance(layer, nn.Embed):
-        return layer.dtype or factor.dtype
-    return layer.dtype or jnp.result_type(inputs, factor)
-
-
-def _interceptor(scales: dict[str, float], rate: float, combine):
-    def intercept(next_fun, args, kwargs, context):
-        layer = context.module
-        if context.method_name != "__call__" or not layer.has_variable("params", A):
-            return next_fun(*args, **kwargs)
-        path = module_path(layer)
-        a = layer.get_variable("params", A)
-        b = layer.get_variable("params", B)
-        inputs = _first_input(args, kwargs)
-        y = next_fun(*args, **kwargs)
-        scale = scales[path]
-        n_in, dtype = input_axes_of(layer), compute_dtype_of(layer, inputs, a)
-        if n_in == 0:
-            rows = jnp.take(a, inputs, axis=0).astype(dtype)
-            delta = jnp.tensordot(rows * scale, b.astype(dtype), 1)
-            return combine(layer, y, delta, scale)
-        if a.ndim - 1 != n_in:
-            raise ValueError(f"LoRA factor {path}/{A} {a.shape} has {a.ndim - 1} input axes; "
-                             f"the layer's kernel has {n_in} (set LoRA input_axes)")
-        x = inputs.astype(dtype)
-        if rate:
-            keep = jax.random.bernoulli(layer.make_rng("dropout"), 1.0 - rate, x.shape)
-            x = jnp.where(keep, x / (1.0 - rate), jnp.zeros((), dtype))
-        delta = low_rank(x, a.astype(dtype), b.astype(dtype), n_in, float(scale))
-        return combine(layer, y, delta, scale)
-    return intercept
+def _low_rank_path(call: sites.Call, scales: dict[str, float], rate: float, combine):
+    a, b = call.param(A), call.param(B)
+    y, scale = call.output(), scales[call.path]
+    n_in, dtype = call.input_axes, call.dtype(a)
+    if n_in == 0:
+        rows = jnp.take(a, call.inputs, axis=0).astype(dtype)
+        delta = jnp.tensordot(rows * scale, b.astype(dtype), 1)
+        return combine(call.layer, y, delta, scale)
+    if a.ndim - 1 != n_in:
+        raise ValueError(f"LoRA factor {call.path}/{A} {a.shape} has {a.ndim - 1} input axes; "
+                         f"the layer's kernel has {n_in} (set LoRA input_axes)")
+    x = call.inputs.astype(dtype)
+    if rate:
+        keep = jax.random.bernoulli(call.layer.make_rng("dropout"), 1.0 - rate, x.shape)
+        x = jnp.where(keep, x / (1.0 - rate), jnp.zeros((), dtype))
+    delta = low_rank(x, a.astype(dtype), b.astype(dtype), n_in, float(scale))
+    return combine(call.layer, y, delta, scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -475,7 +432,7 @@ low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 # ---------------------------------------------------------------------------------------------
 
 
-def _scale_map(scales, params, pairs) -> dict[str, float]:
+def scale_map(scales, params, pairs) -> dict[str, float]:
     """``{target path: s}`` from a LoRA method, a scale tree or one number."""
     if isinstance(scales, LoRA):
         flat = tree.flatten(scales.scales(params))
@@ -500,7 +457,7 @@ def merge(params, scales) -> dict:
     method, a scale tree (``s`` at each adapted path) or one number."""
     flat = dict(tree.flatten(params))
     pairs = factor_pairs(flat)
-    s = _scale_map(scales, params, pairs)
+    s = scale_map(scales, params, pairs)
     for path, pair in pairs.items():
         weight = flat[path]
         flat[path] = (weight + _delta(pair, flat, s[path])).astype(weight.dtype)
@@ -518,7 +475,7 @@ def unmerge(merged, factors, scales) -> dict:
     combined = {**flat, **flat_factors}
     pairs = {path: pair for path, pair in factor_pairs(combined).items()
              if pair.a in flat_factors}
-    s = _scale_map(scales, tree.unflatten(combined), pairs)
+    s = scale_map(scales, tree.unflatten(combined), pairs)
     for path, pair in pairs.items():
         weight = flat[path]
         delta = _delta(pair, flat_factors, s[path])
@@ -535,7 +492,7 @@ def lora_factors(params, scales) -> tuple[dict, dict]:
     ``scales``: the LoRA method (usual), a scale tree or one number."""
     flat = tree.flatten(params)
     pairs = factor_pairs(flat)
-    s = _scale_map(scales, params, pairs)
+    s = scale_map(scales, params, pairs)
     adapter = {p: flat[p] for pair in pairs.values() for p in (pair.a, pair.b)}
     return tree.unflatten(adapter), tree.unflatten({path: s[path] for path in pairs})
 

@@ -18,16 +18,14 @@ import collections
 import json
 import os
 import re
-import shutil
-import tempfile
 
 import jax
 import numpy as np
 import safetensors.numpy
 
-from research import tree
+from research import files, tree
 from research.lowrank import dora
-from research.lowrank.lora import LoRA, TARGET_LEAVES, WEIGHT_INITS, _strip_factors, factor_pairs
+from research.lowrank.lora import LoRA, TARGET_LEAVES, WEIGHT_INITS, factor_pairs, strip_factors
 from research.models import hf
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -75,24 +73,6 @@ def _short_targets(targets: set[str], candidates: set[str]) -> list[str]:
     return sorted(targets)
 
 
-def _write_atomically(directory: str, files: dict) -> None:
-    """``files``: name -> writer(path). Staged in a temporary folder, then renamed."""
-    directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", dir=parent)
-    try:
-        for name, write in files.items():
-            write(os.path.join(staging, name))
-        if os.path.isdir(directory):
-            for name in files:
-                os.replace(os.path.join(staging, name), os.path.join(directory, name))
-        else:
-            os.rename(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Export
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +96,7 @@ def export_peft(method: LoRA, params, model, directory: str, *,
         raise ValueError("export_peft: some adapted leaves have DoRA magnitudes and some do "
                          "not; PEFT's use_dora covers every module")
     use_dora = use_dora.pop()
-    base = dora.strip_magnitudes(_strip_factors(flat))
+    base = dora.strip_magnitudes(strip_factors(flat))
     tree.check_same_structure(model.param_shapes(), tree.unflatten(base))
     fmt = hf.FORMATS[model.family]
     _, prefixed = fmt.architecture(model.head)
@@ -185,7 +165,7 @@ def export_peft(method: LoRA, params, model, directory: str, *,
     def write_config(path):
         with open(path, "w") as file:
             json.dump(config, file, indent=2, sort_keys=True)
-    _write_atomically(directory, {
+    files.write_atomically(directory, {
         ADAPTER_WEIGHTS: lambda path: safetensors.numpy.save_file(
             tensors, path, metadata={"format": "pt"}),
         ADAPTER_CONFIG: write_config,
@@ -240,7 +220,7 @@ def import_peft(directory: str, model, params, **options) -> tuple[LoRA, dict]:
     config, weights_path, tensors = _read_adapter(directory)
     use_dora = bool(config.get("use_dora", False))
     fmt = hf.FORMATS[model.family]
-    flat = dora.strip_magnitudes(_strip_factors(tree.flatten(params)))
+    flat = dora.strip_magnitudes(strip_factors(tree.flatten(params)))
     tree.check_same_structure(model.param_shapes(), tree.unflatten(flat))
 
     names = {}

@@ -36,7 +36,7 @@ from research import tree
 from research.lowrank import lora as lora_lib
 from research.lowrank.init import as_matrix
 from research.lowrank.lora import LoRA
-from research.methods import Method
+from research.methods import Applied, Method, register
 
 REGULARISERS = ("paper", "gram")
 
@@ -47,6 +47,7 @@ def _l1(x):
     return jnp.sum(x * jax.lax.stop_gradient(jnp.sign(x)))
 
 
+@register("pego")
 @dataclasses.dataclass(frozen=True)
 class PEGO(Method):
     """PEGO options (``config.method = dict(name='pego', ...)``).
@@ -140,12 +141,12 @@ class PEGO(Method):
     def logical_axes(self, logical: dict, shapes: dict) -> dict:
         return self.lora.logical_axes(logical, shapes)
 
-    def apply(self, module, variables, *args, **kwargs):
-        return self.lora.apply(module, variables, *args, **kwargs)
-
-    def apply_with_losses(self, module, variables, *args, **kwargs):
-        outputs = self.apply(module, variables, *args, **kwargs)
+    def apply(self, module, variables, *args, **kwargs) -> Applied:
+        outputs = self.lora.apply(module, variables, *args, **kwargs).outputs
         if not self.orthogonality_weight:
-            return outputs, {}
-        return outputs, {"orthogonality": self.orthogonality_weight
-                         * self.orthogonality(variables["params"])}
+            return Applied(outputs)
+        return Applied(outputs, {"orthogonality": self.orthogonality_weight
+                                 * self.orthogonality(variables["params"])})
+
+    def export(self, params: dict) -> dict:
+        return self.lora.export(params)

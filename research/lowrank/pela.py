@@ -26,18 +26,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research import tree
+from research import sites as sites_lib, tree
 from research.lowrank import init as init_lib
-from research.lowrank.lora import DEFAULT_INPUT_AXES, compute_dtype_of, input_axes_of, low_rank
-from research.methods import Method
+from research.lowrank.lora import DEFAULT_INPUT_AXES, low_rank
+from research.methods import Applied, Method, register, training
 
 U, V = "pela_u", "pela_v"
 FACTOR_PATTERN = r"(.*/)?pela_(u|v)"
 DEFAULT_SITES = ((r"encoder/layer_\d+", 1.0),)
-
-
-def _join(parent: str, name: str) -> str:
-    return f"{parent}{tree.SEP}{name}" if parent else name
 
 
 def factorised(flat) -> dict[str, tuple[str, str]]:
@@ -47,10 +43,10 @@ def factorised(flat) -> dict[str, tuple[str, str]]:
     for path in flat:
         parent, _, name = path.rpartition(tree.SEP)
         if name in (U, V):
-            partner = _join(parent, V if name == U else U)
+            partner = sites_lib.join(parent, V if name == U else U)
             if partner not in flat:
                 raise ValueError(f"PELA factor {path!r} has no partner {partner!r}")
-            modules[parent] = (_join(parent, U), _join(parent, V))
+            modules[parent] = (sites_lib.join(parent, U), sites_lib.join(parent, V))
     return modules
 
 
@@ -67,8 +63,20 @@ def compress(params) -> dict:
     """The deployable model: every kernel with factors beside it removed (``PELA.apply`` runs
     the result; the teacher, and so training, needs the kernels)."""
     flat = tree.flatten(params)
-    kernels = {_join(module, "kernel") for module in factorised(flat)}
+    kernels = {sites_lib.join(module, "kernel") for module in factorised(flat)}
     return tree.unflatten({p: x for p, x in flat.items() if p not in kernels})
+
+
+def fold(params) -> dict:
+    """The student as plain params: ``kernel = U·V`` at every factorised layer, factors
+    dropped (equal outputs: the student computes ``(x·U)·V``)."""
+    flat = dict(tree.flatten(params))
+    for module, (u_path, v_path) in factorised(flat).items():
+        u, v = flat.pop(u_path), flat.pop(v_path)
+        kernel = sites_lib.join(module, "kernel")
+        dtype = flat[kernel].dtype if kernel in flat else u.dtype
+        flat[kernel] = jnp.tensordot(u, v, 1, precision=jax.lax.Precision.HIGHEST).astype(dtype)
+    return tree.unflatten(flat)
 
 
 def parameter_counts(params) -> dict[str, int]:
@@ -80,6 +88,7 @@ def parameter_counts(params) -> dict[str, int]:
             "compressed": tree.count(compress(params))}
 
 
+@register("pela")
 @dataclasses.dataclass(frozen=True)
 class PELA(Method):
     """PELA options (``config.method = dict(name='pela', ...)``).
@@ -154,7 +163,7 @@ class PELA(Method):
         for path, (rank, n_in) in self.plan(params).items():
             kernel, module = flat[path], path.rpartition(tree.SEP)[0]
             want = ((*kernel.shape[:n_in], rank), (rank, *kernel.shape[n_in:]))
-            u_path, v_path = _join(module, U), _join(module, V)
+            u_path, v_path = sites_lib.join(module, U), sites_lib.join(module, V)
             if u_path in flat or v_path in flat:
                 have = tuple(tuple(getattr(flat.get(p), "shape", ())) for p in (u_path, v_path))
                 if have != want:
@@ -169,34 +178,36 @@ class PELA(Method):
         flat_logical, flat_shapes = dict(tree.flatten(logical)), tree.flatten(shapes)
         for module, (u_path, v_path) in factorised(flat_shapes).items():
             n_in, n_out = flat_shapes[u_path].ndim - 1, flat_shapes[v_path].ndim - 1
-            axes = tuple(flat_logical.get(_join(module, "kernel")) or ())
+            axes = tuple(flat_logical.get(sites_lib.join(module, "kernel")) or ())
             axes += (None,) * (n_in + n_out - len(axes))
             flat_logical[u_path], flat_logical[v_path] = (*axes[:n_in], None), (None, *axes[n_in:])
         return tree.unflatten(flat_logical)
 
-    def apply(self, module, variables, *args, **kwargs):
-        """The student: every factorised layer computes ``(x·U)·V + b``."""
-        with nn.intercept_methods(_student):
-            return module.apply(variables, *args, **kwargs)
-
-    def apply_with_losses(self, module, variables, *args, **kwargs):
-        """The student's outputs and ``{'distill': distill_weight · feature distance}``. The
-        teacher gets the same inputs (and dropout rngs, so both drop the same units)."""
-        if not self.distill_weight:
-            return self.apply(module, variables, *args, **kwargs), {}
+    def apply(self, module, variables, *args, **kwargs) -> Applied:
+        """The student, every factorised layer computing ``(x·U)·V + b``; in training also
+        ``{'distill': distill_weight · feature distance}`` to the teacher, which gets the same
+        inputs (and dropout rngs, so both drop the same units)."""
+        if not (self.distill_weight and training(kwargs)):
+            with sites_lib.intercept(_student, sites_lib.holding(U, V)):
+                return Applied(module.apply(variables, *args, **kwargs))
         flat = tree.flatten(variables["params"])
         for name in factorised(flat):
-            if _join(name, "kernel") not in flat:
+            if sites_lib.join(name, "kernel") not in flat:
                 raise ValueError(f"PELA distillation needs the teacher kernel {name}/kernel; "
                                  f"distil before compress()")
         sites = self.sites(variables["params"])
         student, teacher = {}, {}
-        with nn.intercept_methods(_capture(sites, student)):
-            outputs = self.apply(module, variables, *args, **kwargs)
-        with nn.intercept_methods(_capture(sites, teacher)):
+        with sites_lib.capture(sites, student), \
+                sites_lib.intercept(_student, sites_lib.holding(U, V)):
+            outputs = module.apply(variables, *args, **kwargs)
+        with sites_lib.capture(sites, teacher):
             module.apply(jax.lax.stop_gradient(variables), *args, **kwargs)
-        return outputs, {"distill": self.distill_weight * feature_distance(student, teacher,
-                                                                           sites)}
+        return Applied(outputs, {"distill": self.distill_weight * feature_distance(
+            student, teacher, sites)})
+
+    def export(self, params: dict) -> dict:
+        """The student as a plain model: each factorised kernel replaced by ``U·V``."""
+        return fold(params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,36 +215,22 @@ class PELA(Method):
 # ---------------------------------------------------------------------------------------------
 
 
-def _student(next_fun, args, kwargs, context):
-    layer = context.module
-    if context.method_name != "__call__" or not layer.has_variable("params", U):
-        return next_fun(*args, **kwargs)
-    path = tree.SEP.join(layer.path)
-    u, v = layer.get_variable("params", U), layer.get_variable("params", V)
-    x = args[0] if args else next(iter(kwargs.values()))
-    if isinstance(layer, nn.Embed):
-        raise ValueError(f"PELA factors at {path} sit in an Embed; PELA factorises nn.Dense "
-                         f"and MultiAxisDense kernels")
-    n_in, dtype = input_axes_of(layer), compute_dtype_of(layer, x, u)
+def _student(call: sites_lib.Call):
+    u, v = call.param(U), call.param(V)
+    if isinstance(call.layer, nn.Embed):
+        raise ValueError(f"PELA factors at {call.path} sit in an Embed; PELA factorises "
+                         f"nn.Dense and MultiAxisDense kernels")
+    n_in, dtype = call.input_axes, call.dtype(u)
+    layer = call.layer
     use_bias = layer.use_bias if isinstance(layer, nn.Dense) else layer.config.use_bias
     if u.ndim - 1 != n_in:
-        raise ValueError(f"PELA factor {path}/{U} {u.shape} has {u.ndim - 1} input axes; the "
-                         f"layer's kernel has {n_in} (set PELA input_axes)")
+        raise ValueError(f"PELA factor {call.path}/{U} {u.shape} has {u.ndim - 1} input axes; "
+                         f"the layer's kernel has {n_in} (set PELA input_axes)")
     # Only the factors are read, so the compressed tree (no kernel) runs too.
-    y = low_rank(x.astype(dtype), u.astype(dtype), v.astype(dtype), n_in, 1.0)
+    y = low_rank(call.inputs.astype(dtype), u.astype(dtype), v.astype(dtype), n_in, 1.0)
     if use_bias:
-        y = y + layer.get_variable("params", "bias").astype(dtype)
+        y = y + call.param("bias").astype(dtype)
     return y
-
-
-def _capture(sites: dict[str, float], features: dict):
-    def intercept(next_fun, args, kwargs, context):
-        outputs = next_fun(*args, **kwargs)
-        path = tree.SEP.join(context.module.path)
-        if context.method_name == "__call__" and path in sites:
-            features[path] = outputs
-        return outputs
-    return intercept
 
 
 def feature_distance(student: dict, teacher: dict, sites: dict[str, float]):

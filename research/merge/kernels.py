@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from research import sites
 from research.merge import sparsify
 from research.merge.sparsify import WHOLE, Whole
 
@@ -102,7 +103,7 @@ def _elect_and_sum(deltas, weights, normalize: bool, dtype):
     one = dtype.type(1)
 
     def elect(start):
-        parts = [f[start:start + sparsify.CHUNK] for f in flat]
+        parts = [f[start:start + sites.CHUNK] for f in flat]
         sign = np.copysign(one, sum(parts))  # a sum of -0.0 gets -1, but adds only zeros
         mixed, divisor = np.zeros_like(sign), np.zeros_like(sign)
         for part, weight in zip(parts, weights):
@@ -116,7 +117,7 @@ def _elect_and_sum(deltas, weights, normalize: bool, dtype):
             mixed /= divisor
         parts[0][...] = mixed
 
-    for _ in _threads().map(elect, range(0, flat[0].size, sparsify.CHUNK)):
+    for _ in _threads().map(elect, range(0, flat[0].size, sites.CHUNK)):
         pass
     return deltas[0]
 

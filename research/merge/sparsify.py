@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-CHUNK = 1 << 15  # elements per step of chunked passes: their temporaries stay in cache
+from research.sites import chunks, kth_largest_magnitude
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,12 +65,6 @@ def dot(a: np.ndarray, b: np.ndarray, stats: Whole):
 # ---------------------------------------------------------------------------------------------
 
 
-def chunks(flat: np.ndarray):
-    """Cache-sized views of a flat array, for elementwise passes without tensor-sized
-    temporaries."""
-    return (flat[start:start + CHUNK] for start in range(0, flat.size, CHUNK))
-
-
 def smallest_mask(values: np.ndarray, k: int, stats: Whole = WHOLE) -> np.ndarray:
     """Boolean mask of the ``k`` smallest entries of a flat array, ties taken in index order.
     One partition (linear time), where mergekit sorts."""
@@ -105,30 +99,6 @@ def _rescale_to(masked: np.ndarray, before, stats: Whole, eps: float = 1e-7):
     return masked
 
 
-def _kth_largest_magnitude(flat: np.ndarray, k: int) -> tuple[float, int]:
-    """The k-th largest ``|x|`` of a flat array, and how many entries exceed it, with no
-    tensor-sized temporary: a sorted strided sample brackets the answer, one chunked pass
-    counts the entries above the bracket and collects those inside, and a partition of those
-    few finishes. Exact: if the bracket misses (rare), a full partition decides."""
-    n = flat.size
-    sample = np.sort(np.abs(flat[::max(1, n // (1 << 16))]))
-    m, q = sample.size, 1 - k / n
-    margin = 6 * np.sqrt(q * (1 - q) / m) + 6 / m
-    low = sample[int((q - margin) * m)] if q - margin > 0 else -np.inf
-    high = sample[int(np.ceil((q + margin) * m))] if q + margin < 1 - 1 / m else np.inf
-    above, inside = 0, []
-    for part in chunks(flat):
-        magnitudes = np.abs(part)
-        above += int(np.count_nonzero(magnitudes > high))
-        inside.append(magnitudes[(magnitudes >= low) & (magnitudes <= high)])
-    inside = np.concatenate(inside)
-    need = k - above
-    if not 1 <= need <= inside.size:
-        inside, above, need = np.abs(flat), 0, k
-    threshold = np.partition(inside, inside.size - need)[inside.size - need]
-    return threshold, above + int(np.count_nonzero(inside > threshold))
-
-
 def magnitude(delta, density: float, rescale: bool = False, stats: Whole = WHOLE,
               scale=1, **_):
     """Keep the largest ``k = max(1, int(density * n))`` entries by magnitude (TIES trimming):
@@ -144,7 +114,7 @@ def magnitude(delta, density: float, rescale: bool = False, stats: Whole = WHOLE
     k = max(1, int(density * n))
     flat = delta.reshape(-1)
     if stats is WHOLE:
-        threshold, greater = _kth_largest_magnitude(flat, k)
+        threshold, greater = kth_largest_magnitude(flat, k)
         ties = k - greater
     else:
         threshold = stats.kth_smallest(np.abs(flat), n - k + 1)

@@ -21,12 +21,11 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research import models
+from research import models, sites
 from research import tree as tree_lib
 from research.models.layers import SUBLAYERS
 from research.train import tasks
@@ -77,16 +76,16 @@ def _skipping(keep):
     """Flax interception that runs the model as if sublayer ``j`` of block ``i`` were removed
     wherever ``keep[i, j]`` is False: it adds nothing and its norm passes its input through.
     ``keep`` may be traced, so one compiled forward serves every trial removal."""
-    def interceptor(next_fun, args, kwargs, context):
-        *_, block, name = ("", "", *context.module.path)
-        sublayer = name.removesuffix("_norm")
-        if (context.method_name != "__call__" or sublayer not in SUBLAYERS
-                or re.fullmatch(r"layer_\d+", block) is None):
-            return next_fun(*args, **kwargs)
-        kept = keep[int(block.removeprefix("layer_")), SUBLAYERS.index(sublayer)]
-        out = next_fun(*args, **kwargs)
-        return jnp.where(kept, out, args[0] if name.endswith("_norm") else 0)
-    return nn.intercept_methods(interceptor)
+    def where(layer) -> bool:
+        *_, block, name = ("", "", *layer.path)
+        return (name.removesuffix("_norm") in SUBLAYERS
+                and re.fullmatch(r"layer_\d+", block) is not None)
+
+    def skip(call: sites.Call):
+        *_, block, name = call.layer.path
+        kept = keep[int(block.removeprefix("layer_")), SUBLAYERS.index(name.removesuffix("_norm"))]
+        return jnp.where(kept, call.output(), call.args[0] if name.endswith("_norm") else 0)
+    return sites.intercept(skip, where)
 
 
 def _evaluators(model):

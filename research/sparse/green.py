@@ -22,9 +22,10 @@ tensor ``lr * |g|_1``; ``lr`` is common to all and dropped. The paper solves a d
 over the chain of layers; with set costs this module picks greedily by importance per marginal
 FLOP instead.
 
-Selection needs the pretrained weights and data before the run, which the Method seam's
-``trainable_for(shapes)`` does not see: a config calls :func:`select` and stores the result in
-``config.method.selected`` (``configs/minilm_green.py``).
+Selection needs the pretrained weights and data before the run: :meth:`GreenTrainer.prepare`
+runs :func:`select` on the run's initial params and first batches (about a minute for MiniLM
+on CPU), unless ``config.method.selected`` already names the tensors (a selection made once and
+reused).
 """
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ import numpy as np
 from jax.extend import core
 
 from research import methods, tree
-from research.methods import Method
+from research.methods import Method, register
 from research.sparse.selection import as_rules, head_rules
 from research.train import loop, tasks
 
 
+@register("green")
 @dataclasses.dataclass(frozen=True)
 class GreenTrainer(Method):
     """``config.method = dict(name='green', flops_budget=0.5, importance_batches=4,
@@ -55,7 +57,7 @@ class GreenTrainer(Method):
 
     flops_budget: the step's FLOPs as a fraction of full fine-tuning's, in (0, 1].
     importance_batches: training batches whose mean gradient ranks the tensors.
-    selected: regexes of the chosen tensors (exact paths), filled in by :func:`select`.
+    selected: regexes of the chosen tensors (exact paths); empty: :meth:`prepare` selects.
     The task head and ``also_train`` always train.
     """
     flops_budget: float = 0.5
@@ -72,10 +74,20 @@ class GreenTrainer(Method):
         object.__setattr__(self, "also_train", as_rules("green", self.also_train))
         object.__setattr__(self, "selected", as_rules("green", self.selected))
 
+    def prepare(self, context: methods.Context) -> GreenTrainer:
+        """The budget's selection on the run's initial params and first batches."""
+        if self.selected:
+            return self
+        batches = context.batches()
+        plan = select(context.config, context.params(),
+                      [next(batches) for _ in range(self.importance_batches)])
+        return dataclasses.replace(self, selected=plan.trainable)
+
     def trainable_for(self, shapes: dict) -> tuple[str, ...]:
         if not self.selected:
-            raise ValueError("config.method.selected is empty: green chooses its tensors before "
-                             "the run; set it to research.sparse.green.select(config).trainable")
+            raise ValueError("config.method.selected is empty: green chooses its tensors in "
+                             "prepare (loop.make_setup runs it) or from "
+                             "research.sparse.green.select(config).trainable")
         paths = list(tree.flatten(shapes))
         rules = self.selected + self.also_train
         tree.resolve_rules([(r, True) for r in rules], paths, what="green rule")
@@ -197,14 +209,9 @@ def step_flops(config, model, trainable, batch: dict) -> float:
 
 def _inputs(config, model, method: GreenTrainer):
     """The run's starting params and its first ``importance_batches`` training batches."""
-    variant = copy.deepcopy(config)
-    with variant.unlocked():
-        variant.method = dict(name="full")
-    setup = loop.make_setup(variant, model, int(config.train.steps))
-    params = loop.init_params(variant, setup, loop.init_key(config))
-    batches = iter(loop.make_loader(config, "train", training=True,
-                                    batch_size=config.train.batch_size))
-    return params, [next(batches) for _ in range(method.importance_batches)]
+    batches = loop.method_context(config, model).batches()
+    return (loop.model_params(config, model),
+            [next(batches) for _ in range(method.importance_batches)])
 
 
 def profile(config, params: dict | None = None, batches: list[dict] | None = None) -> Profile:

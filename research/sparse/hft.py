@@ -19,7 +19,7 @@ import re
 import numpy as np
 
 from research import tree
-from research.methods import Method
+from research.methods import Method, register
 from research.sparse.selection import as_rules, head_rules
 
 _MATRIX = re.compile(r"(?P<layer>.*/layer_(?P<index>\d+))/(?P<sub>attn|mlp)/(?P<name>[^/]+)/kernel")
@@ -56,6 +56,7 @@ def draw_half(paths, seed: int, round: int) -> list[str]:
     return chosen
 
 
+@register("hft")
 @dataclasses.dataclass(frozen=True)
 class HFT(Method):
     """``config.method = dict(name='hft', round=r, seed=s, also_train=(regex, ...))``."""

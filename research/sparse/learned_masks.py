@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research import tree
-from research.methods import Method
+from research import methods, sites, tree
+from research.methods import Applied, Method, register, training
 from research.sparse import masks as masks_lib
 
 GRAFT_SCORE, GRAFT_FINETUNED, MASK_SCORE = "graft_score", "graft_finetuned", "mask_score"
@@ -43,10 +43,6 @@ _GDR_SALT = 0x6764
 
 def _own(path: str) -> bool:
     return path.split(tree.SEP, 1)[0] in METHOD_TREES
-
-
-def _join(prefix: str, path: str) -> str:
-    return f"{prefix}{tree.SEP}{path}"
 
 
 def _beside(flat: dict, prefix: str) -> list[str]:
@@ -78,14 +74,8 @@ def _mirror_axes(logical: dict, shapes: dict, prefixes) -> dict:
     flat_logical = dict(tree.flatten(logical))
     for prefix in prefixes:
         for path in _beside(tree.flatten(shapes), prefix):
-            flat_logical[_join(prefix, path)] = flat_logical.get(path)
+            flat_logical[sites.join(prefix, path)] = flat_logical.get(path)
     return tree.unflatten(flat_logical)
-
-
-def _logged(value) -> jax.Array:
-    """A statistic to log as ``train/NAME`` through ``apply_with_losses``: a constant (no
-    gradient), so adding it to the optimised scalar changes no update."""
-    return jax.lax.stop_gradient(jnp.asarray(value, jnp.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,21 +83,10 @@ def _logged(value) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=2)
-def _finetuned_leaves(workdir: str) -> dict:
-    from research.train import checkpoint
-
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise FileNotFoundError(f"config.method.finetuned={workdir!r} has no checkpoints folder "
-                                "(the workdir of a finished fine-tuning run)")
-    with jax.ensure_compile_time_eval():  # read while ``init`` is being traced
-        saved = checkpoint.final_params(workdir)
-    return {p: np.asarray(v) for p, v in tree.flatten(saved).items()}
-
-
 DEFAULT_GRAFT = ((r"(embeddings|encoder|pooler)/.*", True),)
 
 
+@register("graft")
 @dataclasses.dataclass(frozen=True)
 class Graft(Method):
     """Grafting options (``config.method = dict(name='graft', finetuned=WORKDIR, ...)``).
@@ -131,6 +110,8 @@ class Graft(Method):
     head: tuple = (r"classifier/.*",)
     density: float = 1e-4
     sigmoid_bias: float = 10.0
+    # θft's leaves, host arrays by path: read by ``prepare`` (or given to ``with_finetuned``).
+    finetuned_leaves: dict | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -157,8 +138,28 @@ class Graft(Method):
                              "θft); narrow one of the rules")
         return grafted, head
 
+    def prepare(self, context: methods.Context) -> Graft:
+        """θft read from the fine-tuning run's last checkpoint (exported by its method)."""
+        if self.finetuned_leaves is not None:
+            return self
+        if not os.path.isdir(os.path.join(self.finetuned, "checkpoints")):
+            raise FileNotFoundError(f"config.method.finetuned={self.finetuned!r} has no "
+                                    "checkpoints folder (the workdir of a finished fine-tuning "
+                                    "run)")
+        return self.with_finetuned(context.read_checkpoint(self.finetuned,
+                                                           key="config.method.finetuned"))
+
+    def with_finetuned(self, params) -> Graft:
+        """This method with θft given as a params tree (a notebook's fine-tuned model)."""
+        return dataclasses.replace(self, finetuned_leaves={
+            path: np.asarray(value) for path, value in tree.flatten(params).items()})
+
     def _finetuned(self, flat: dict, paths) -> dict:
-        saved = _finetuned_leaves(self.finetuned)
+        saved = self.finetuned_leaves
+        if saved is None:
+            raise ValueError(f"Graft has not read θft from config.method.finetuned="
+                             f"{self.finetuned!r}; prepare it (loop.make_setup does) or call "
+                             f"with_finetuned(params)")
         for path in paths:
             if path not in saved:
                 raise ValueError(f"config.method.finetuned={self.finetuned!r} has no param "
@@ -187,9 +188,9 @@ class Graft(Method):
             size = int(np.prod(shape))
             chosen = start[offset:offset + size].reshape(shape)
             offset += size
-            flat[_join(GRAFT_SCORE, path)] = jnp.where(chosen, self.sigmoid_bias,
+            flat[sites.join(GRAFT_SCORE, path)] = jnp.where(chosen, self.sigmoid_bias,
                                                        -self.sigmoid_bias).astype(jnp.float32)
-            flat[_join(GRAFT_FINETUNED, path)] = jnp.asarray(finetuned[path], flat[path].dtype)
+            flat[sites.join(GRAFT_FINETUNED, path)] = jnp.asarray(finetuned[path], flat[path].dtype)
         return tree.unflatten(flat)
 
     def logical_axes(self, logical: dict, shapes: dict) -> dict:
@@ -201,9 +202,9 @@ class Graft(Method):
         flat = tree.flatten(params)
         out = {p: v for p, v in flat.items() if not _own(p)}
         for path in _beside(flat, GRAFT_SCORE):
-            gamma = jax.nn.sigmoid(flat[_join(GRAFT_SCORE, path)])
+            gamma = jax.nn.sigmoid(flat[sites.join(GRAFT_SCORE, path)])
             pre = out[path]
-            mixed = (1 - gamma) * pre + gamma * flat[_join(GRAFT_FINETUNED, path)]
+            mixed = (1 - gamma) * pre + gamma * flat[sites.join(GRAFT_FINETUNED, path)]
             out[path] = mixed.astype(pre.dtype)
         return tree.unflatten(out)
 
@@ -214,20 +215,23 @@ class Graft(Method):
         out = {p: v for p, v in flat.items() if not _own(p)}
         mask = {p: False for p in out}
         for path in _beside(flat, GRAFT_SCORE):
-            mask[path] = flat[_join(GRAFT_SCORE, path)] > 0
-            out[path] = np.where(mask[path], flat[_join(GRAFT_FINETUNED, path)], out[path])
+            mask[path] = flat[sites.join(GRAFT_SCORE, path)] > 0
+            out[path] = np.where(mask[path], flat[sites.join(GRAFT_FINETUNED, path)], out[path])
         return tree.unflatten(out), tree.unflatten(mask)
 
-    def apply(self, module, variables, *args, **kwargs):
-        return module.apply({**variables, "params": self.relaxed(variables["params"])},
-                            *args, **kwargs)
-
-    def apply_with_losses(self, module, variables, *args, **kwargs):
-        """Plain apply; logs ``graft_density``, the share of graftable entries with γ > 1/2."""
+    def apply(self, module, variables, *args, **kwargs) -> Applied:
+        """The relaxed model; logs ``graft_density``, the share of graftable entries with
+        γ > 1/2."""
+        outputs = module.apply({**variables, "params": self.relaxed(variables["params"])},
+                               *args, **kwargs)
         scores = [v for p, v in tree.flatten(variables["params"]).items()
                   if p.startswith(GRAFT_SCORE + tree.SEP)]
         density = sum(jnp.sum(s > 0) for s in scores) / sum(s.size for s in scores)
-        return self.apply(module, variables, *args, **kwargs), {"graft_density": _logged(density)}
+        return Applied(outputs, metrics={"graft_density": density})
+
+    def export(self, params: dict) -> dict:
+        """The grafted model: θft where σ(S) > 1/2, θpre elsewhere."""
+        return self.binarise(params)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +276,7 @@ def distillation_loss(logits, teacher_logits, temperature: float = 1.0):
 DEFAULT_MASKED = ((r"encoder/.*/attn/(query|key|value|out)/kernel", True),)
 
 
+@register("mask_tuning")
 @dataclasses.dataclass(frozen=True)
 class MaskTuning(Method):
     """Regularized mask tuning options (``config.method = dict(name='mask_tuning', ...)``);
@@ -328,7 +333,7 @@ class MaskTuning(Method):
         del rng, stats
         flat = dict(tree.flatten(params))
         for path in self.plan(params):
-            flat[_join(MASK_SCORE, path)] = jnp.full(flat[path].shape, self.init_score,
+            flat[sites.join(MASK_SCORE, path)] = jnp.full(flat[path].shape, self.init_score,
                                                      jnp.float32)
         return tree.unflatten(flat)
 
@@ -341,7 +346,7 @@ class MaskTuning(Method):
         out = {p: v for p, v in flat.items() if not _own(p)}
         for path in _beside(flat, MASK_SCORE):
             weight = out[path]
-            mask = straight_through(flat[_join(MASK_SCORE, path)], self.threshold)
+            mask = straight_through(flat[sites.join(MASK_SCORE, path)], self.threshold)
             out[path] = weight * mask.astype(weight.dtype)
         return tree.unflatten(out)
 
@@ -350,7 +355,7 @@ class MaskTuning(Method):
         flat = tree.flatten(params)
         out = {p: False for p in flat if not _own(p)}
         for path in _beside(flat, MASK_SCORE):
-            out[path] = np.asarray(flat[_join(MASK_SCORE, path)] > self.threshold)
+            out[path] = np.asarray(flat[sites.join(MASK_SCORE, path)] > self.threshold)
         return tree.unflatten(out)
 
     def sparsity(self, params) -> jax.Array:
@@ -364,24 +369,32 @@ class MaskTuning(Method):
                   if p.startswith(MASK_SCORE + tree.SEP)]
         return self.norm_weight * sum(jnp.sqrt(jnp.sum(jnp.square(s))) for s in scores)
 
-    def apply(self, module, variables, *args, **kwargs):
+    def _masked_apply(self, module, variables, *args, **kwargs):
         return module.apply({**variables, "params": self.masked_params(variables["params"])},
                             *args, **kwargs)
 
-    def apply_with_losses(self, module, variables, *args, **kwargs):
-        """The masked forward with ``mask_norm`` as a loss term (and ``mask_sparsity`` logged).
+    def export(self, params: dict) -> dict:
+        """The masked model: every masked weight times its binary mask."""
+        return self.masked_params(params)
+
+    def apply(self, module, variables, *args, **kwargs) -> Applied:
+        """The masked forward; in training with ``mask_norm`` as a loss term (and
+        ``mask_sparsity`` logged).
         With ``gdr_lambda > 0`` the scores' gradient of both goes through gradient dropout
         against the distillation loss towards the unmasked model (same inputs, same dropout
         draws, the current head); other leaves get their usual gradient."""
+        if not training(kwargs):
+            return Applied(self._masked_apply(module, variables, *args, **kwargs))
         params = variables["params"]
-        logged = {"mask_sparsity": _logged(self.sparsity(params))}
+        logged = {"mask_sparsity": self.sparsity(params)}
 
         def student(p):
-            return self.apply(module, {**variables, "params": p}, *args, **kwargs), self._norm(p)
+            return (self._masked_apply(module, {**variables, "params": p}, *args, **kwargs),
+                    self._norm(p))
 
         if not self.gdr_lambda:
             logits, norm = student(params)
-            return logits, {"mask_norm": norm, **logged}
+            return Applied(logits, {"mask_norm": norm}, logged)
         key = (kwargs.get("rngs") or {}).get("dropout")
         if key is None:
             raise ValueError("MaskTuning gradient dropout needs a 'dropout' rng in the call")
@@ -410,4 +423,4 @@ class MaskTuning(Method):
 
         run.defvjp(run_fwd, run_bwd)
         logits, norm = run(params)
-        return logits, {"mask_norm": norm, **logged}
+        return Applied(logits, {"mask_norm": norm}, logged)

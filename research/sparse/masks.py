@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from research import tree as tree_lib
-from research.merge.sparsify import _kth_largest_magnitude
+from research.sites import kth_largest_magnitude
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +125,7 @@ def top_k(scores: Mapping, *, density: float | None = None, k: int | None = None
     if not 0 < k <= total:
         raise ValueError(f"top_k: k={k} is outside [1, {total}] (the eligible entries)")
     joined = np.concatenate([flat[path].ravel() for path in eligible])
-    threshold, above = _kth_largest_magnitude(joined, k)
+    threshold, above = kth_largest_magnitude(joined, k)
     ties_left = k - above
     mask = {path: False for path in flat}
     for path in eligible:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research import tree as tree_lib
-from research.methods import Method
+from research.methods import Applied, Method, register
 from research.sparse import masks as masks_lib
 
 # The kernels of the transformer blocks: what Sparse then Prune regularises and prunes.
@@ -86,6 +86,7 @@ def sparsity_penalty(params: dict, targets, group_axes=()) -> jnp.ndarray:
     return total
 
 
+@register("sparse_reg")
 @dataclasses.dataclass(frozen=True)
 class SparseRegularised(Method):
     """``config.method = dict(name='sparse_reg', strength=1e-4)``: full training plus the loss
@@ -112,7 +113,7 @@ class SparseRegularised(Method):
         sparsity_penalty(params, self.targets, self.group_axes)
         return super().init(rng, params, stats)
 
-    def apply_with_losses(self, module, variables, *args, **kwargs):
-        outputs = self.apply(module, variables, *args, **kwargs)
+    def apply(self, module, variables, *args, **kwargs) -> Applied:
+        outputs = module.apply(variables, *args, **kwargs)
         penalty = sparsity_penalty(variables["params"], self.targets, self.group_axes)
-        return outputs, {"sparsity": self.strength * penalty}
+        return Applied(outputs, {"sparsity": self.strength * penalty})

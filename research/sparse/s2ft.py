@@ -26,23 +26,18 @@ import zlib
 from collections.abc import Mapping
 from typing import ClassVar
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from research import tree
-from research.lowrank.lora import compute_dtype_of, input_axes_of
-from research.methods import Method
+from research.methods import Applied, Method, register
+from research.sites import Call, holding, intercept, parent
 
 ROWS, ORDER = "s2ft_kernel", "s2ft_order"
 ROWS_PATTERN = rf"(.*/)?{ROWS}"
 SELECTIONS = ("random", "weight_norm")
 CLASSIFIER = r"classifier/.*"  # a head from scratch trains; a pretrained LM head stays frozen
-
-
-def _parent(path: str) -> str:
-    return path.rpartition(tree.SEP)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +59,7 @@ class Site:
 
     @property
     def rows_path(self) -> str:
-        return f"{_parent(self.output)}{tree.SEP}{ROWS}"
+        return f"{parent(self.output)}{tree.SEP}{ROWS}"
 
     @property
     def order_path(self) -> str:
@@ -85,19 +80,19 @@ def sites(flat: Mapping) -> dict[str, Site]:
     ``out``) and MLP (``wi``/``wo`` or ``gate``/``up``/``down``) of a flat tree."""
     found = {}
     for path in flat:
-        parent = _parent(_parent(path))
-        name = path.removeprefix(f"{parent}/") if parent else path
-        if name == "out/kernel" and all(f"{parent}/{n}/kernel" in flat
+        owner = parent(parent(path))
+        name = path.removeprefix(f"{owner}/") if owner else path
+        if name == "out/kernel" and all(f"{owner}/{n}/kernel" in flat
                                         for n in ("query", "key", "value")):
-            kv = flat[f"{parent}/key/kernel"].shape[1]
-            groups = flat[f"{parent}/query/kernel"].shape[1] // kv
-            coupled = _inputs(flat, parent, ("query", "key", "value"), (groups, 1, 1))
-            found[parent] = Site(parent, "heads", (*coupled, (path, 0, groups)), path, kv,
+            kv = flat[f"{owner}/key/kernel"].shape[1]
+            groups = flat[f"{owner}/query/kernel"].shape[1] // kv
+            coupled = _inputs(flat, owner, ("query", "key", "value"), (groups, 1, 1))
+            found[owner] = Site(owner, "heads", (*coupled, (path, 0, groups)), path, kv,
                                  groups)
         inner = {"wo/kernel": ("wi",), "down/kernel": ("gate", "up")}.get(name)
-        if inner and all(f"{parent}/{n}/kernel" in flat for n in inner):
-            coupled = _inputs(flat, parent, inner, (1,) * len(inner))
-            found[parent] = Site(parent, "channels", (*coupled, (path, 0, 1)), path,
+        if inner and all(f"{owner}/{n}/kernel" in flat for n in inner):
+            coupled = _inputs(flat, owner, inner, (1,) * len(inner))
+            found[owner] = Site(owner, "channels", (*coupled, (path, 0, 1)), path,
                                  flat[path].shape[0], 1)
     return found
 
@@ -131,7 +126,7 @@ def merge(params) -> dict:
     flat = dict(tree.flatten(params))
     found = sites(flat)
     for path in [p for p in flat if p.rpartition(tree.SEP)[2] == ORDER]:
-        module = _parent(path)
+        module = parent(path)
         if module not in found:
             raise ValueError(f"S2FT order {path!r} sits beside no attention or MLP module")
         site, order = found[module], flat.pop(path)
@@ -165,6 +160,7 @@ def _rules(option: str, value) -> tuple:
     return rules
 
 
+@register("s2ft")
 @dataclasses.dataclass(frozen=True)
 class S2FT(Method):
     """S²FT options (``config.method = dict(name='s2ft', ...)``).
@@ -260,31 +256,29 @@ class S2FT(Method):
         for path in tree.flatten(shapes):
             name = path.rpartition(tree.SEP)[2]
             if name == ROWS:
-                flat_logical[path] = flat_logical[f"{_parent(path)}/kernel"]
+                flat_logical[path] = flat_logical[f"{parent(path)}/kernel"]
             elif name == ORDER:
                 flat_logical[path] = (None,)
         return tree.unflatten(flat_logical)
 
-    def apply(self, module, variables, *args, **kwargs):
-        with nn.intercept_methods(_intercept):
-            return module.apply(variables, *args, **kwargs)
+    def apply(self, module, variables, *args, **kwargs) -> Applied:
+        with intercept(_with_slice, holding(ROWS)):
+            return Applied(module.apply(variables, *args, **kwargs))
+
+    def export(self, params: dict) -> dict:
+        return merge(params)
 
 
-def _intercept(next_fun, args, kwargs, context):
-    layer = context.module
-    if context.method_name != "__call__" or not layer.has_variable("params", ROWS):
-        return next_fun(*args, **kwargs)
-    inputs = args[0] if args else next(iter(kwargs.values()))
-    rows = layer.get_variable("params", ROWS)
-    kernel = layer.get_variable("params", "kernel")
-    n_in, dtype = input_axes_of(layer), compute_dtype_of(layer, inputs, kernel)
-    x, s = inputs.astype(dtype), rows.shape[0]
+def _with_slice(call: Call):
+    rows, kernel = call.param(ROWS), call.param("kernel")
+    n_in, dtype = call.input_axes, call.dtype(kernel)
+    x, s = call.inputs.astype(dtype), rows.shape[0]
     axis = x.ndim - n_in
     # Two matmuls rather than one over [W_s2ft; W[s:]]: the weight gradient then is
     # x[..., :s]ᵀ·g alone, never the full one sliced afterwards.
     y = (jnp.tensordot(jax.lax.slice_in_dim(x, 0, s, axis=axis), rows.astype(dtype), n_in)
          + jnp.tensordot(jax.lax.slice_in_dim(x, s, x.shape[axis], axis=axis),
                          kernel[s:].astype(dtype), n_in))
-    if layer.has_variable("params", "bias"):
-        y = y + layer.get_variable("params", "bias").astype(dtype)
+    if call.has("bias"):
+        y = y + call.param("bias").astype(dtype)
     return y

@@ -19,7 +19,7 @@ import dataclasses
 import re
 
 from research import tree
-from research.methods import Method
+from research.methods import Method, register
 
 HEAD = r"(classifier|mlm|lm_head)/.*"
 _BLOCK = re.compile(r".*/layer_(?P<index>\d+)/")
@@ -64,22 +64,26 @@ class Selection(Method):
         return rules + head_rules(paths)
 
 
+@register("bitfit")
 def bitfit(also_train=()) -> Selection:
     return Selection(name="bitfit", rules=(r".*/bias",),
                      also_train=as_rules("bitfit", also_train))
 
 
+@register("ln_tuning")
 def ln_tuning(also_train=()) -> Selection:
     return Selection(name="ln_tuning", rules=(r".*norm/(scale|bias)",),
                      also_train=as_rules("ln_tuning", also_train))
 
 
+@register("lightweight")
 def lightweight(also_train=()) -> Selection:
     """Embeddings and the output layer (the head)."""
     return Selection(name="lightweight", rules=(r"embeddings/.*",),
                      also_train=as_rules("lightweight", also_train))
 
 
+@register("last_layer")
 def last_layer(also_train=()) -> Selection:
     """The last block, and the final norm between it and the head where there is one."""
     return Selection(name="last_layer", rules=(r"(encoder|decoder)/(layer_{last}|final_norm)/.*",),

@@ -18,13 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from research import tree as tree_lib
-from research.methods import Method
+from research.methods import Applied, Method, register
 from research.sparse import delta as delta_lib
 from research.sparse import masks as masks_lib
 
 PREFIX = "sparse"
 
 
+@register("sparse")
 @dataclasses.dataclass(frozen=True)
 class SparseFT(Method):
     """``config.method = dict(name='sparse', mask='mask.safetensors', dense=(regex, ...))``.
@@ -85,9 +86,12 @@ class SparseFT(Method):
             model[path] = leaf.reshape(-1).at[index].add(value).reshape(leaf.shape)
         return tree_lib.unflatten(model)
 
-    def apply(self, module, variables, *args, **kwargs):
-        return module.apply({**variables, "params": self.model_params(variables["params"])},
-                            *args, **kwargs)
+    def apply(self, module, variables, *args, **kwargs) -> Applied:
+        return Applied(module.apply(
+            {**variables, "params": self.model_params(variables["params"])}, *args, **kwargs))
+
+    def export(self, params: dict) -> dict:
+        return self.model_params(params)
 
     def sparse_delta(self, params: dict, base: dict) -> delta_lib.SparseDelta:
         """The trained update as one sparse delta over the model's leaves: the masked entries'

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from research import tree
-from research.methods import Method
+from research.methods import Applied, Method, register
 
 SCOPE = "subspace"
 Z = f"{SCOPE}/z"
@@ -119,6 +119,7 @@ def sparse(z, indices, signs):
 # ---------------------------------------------------------------------------------------------
 
 
+@register("subspace")
 @dataclasses.dataclass(frozen=True)
 class Subspace(Method):
     """Subspace options (``config.method = dict(name='subspace', ...)``).
@@ -210,7 +211,10 @@ class Subspace(Method):
         return tree.unflatten({p: (x + delta[p]).astype(x.dtype) if p in delta else x
                                for p, x in flat.items()})
 
-    def apply(self, module, variables, *args, **kwargs):
-        return module.apply({**variables, "params": self.merge(variables["params"])},
-                            *args, **kwargs)
+    def apply(self, module, variables, *args, **kwargs) -> Applied:
+        return Applied(module.apply({**variables, "params": self.merge(variables["params"])},
+                                    *args, **kwargs))
+
+    def export(self, params: dict) -> dict:
+        return self.merge(params)
 

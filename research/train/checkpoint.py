@@ -136,15 +136,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state):
     return None
 
 
-def final_params(workdir: str) -> dict:
+def final_params(workdir: str, key: str = "config.model.init_from") -> dict:
     """The params (trainable and frozen together) of the newest checkpoint in ``workdir``, as
     saved, whatever method and however many processes wrote them: the starting point of a
-    later run (``init_from``)."""
+    later run (``init_from``); ``key`` names the option in errors."""
     manager = make_manager(workdir)
     try:
         step = manager.latest_step()
         if step is None:
-            raise FileNotFoundError(f"config.model.init_from={workdir!r}: no checkpoint in "
+            raise FileNotFoundError(f"{key}={workdir!r}: no checkpoint in "
                                     f"{manager.directory}")
         # Onto this process's first device, whatever topology wrote it.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

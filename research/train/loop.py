@@ -8,6 +8,7 @@ params created directly on their devices -> one jitted, donated update step -> o
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -128,9 +129,19 @@ def _opt_state_shardings(opt_shapes, param_shapes, param_shardings, mesh):
     return jax.tree_util.tree_map_with_path(one, opt_shapes)
 
 
+def method_context(config, model) -> methods.Context:
+    """What a method's ``prepare`` may read of the run (each part computed only if asked)."""
+    def batches():
+        return iter(make_loader(config, "train", training=True,
+                                batch_size=config.train.batch_size))
+    return methods.Context(config, model, functools.partial(model_params, config, model),
+                           batches, exported_params)
+
+
 def make_setup(config, model, total_steps: int, devices=None) -> Setup:
-    """Everything static about the run, from shapes alone (``devices`` default: all)."""
-    method = methods.build(config.get("method"))
+    """Everything static about the run, from shapes alone (``devices`` default: all), after
+    the method's host-side ``prepare``."""
+    method = methods.build(config.get("method")).prepare(method_context(config, model))
     if model.config.scan_layers and not method.scannable:
         name = config.method.get("name", "full")
         raise ValueError(f"config.model.scan_layers: method {name!r} keys its sites by layer "
@@ -180,15 +191,19 @@ def init_params(config, setup: Setup, rng) -> dict:
     """Params created directly on their shardings: random init inside a jit with
     ``out_shardings``, or, with ``config.model.pretrained``, every leaf placed shard by shard
     from the safetensors file (heads the checkpoint lacks are initialised alone, from the same
-    key), or, with ``config.model.init_from``, from another run's last checkpoint; then the
-    method's own leaves, which may depend on the pretrained weights (PiSSA, CorDA...)."""
+    key), or, with ``config.model.init_from``, from another run's exported last checkpoint;
+    then the method's own leaves, which may depend on the pretrained weights (PiSSA, CorDA...).
+    Leaves of that run's export that the model lacks (a trained prompt) start the method's
+    leaves of the same path and shape (progressive prompts)."""
     model_rng, method_rng = jax.random.split(rng)
     all_shardings = tree_lib.flatten(setup.param_shardings)
     model_shardings = tree_lib.unflatten(
         {path: all_shardings[path] for path in tree_lib.flatten(setup.model.param_shapes())})
     pretrained, init_from = config.model.get("pretrained"), config.model.get("init_from")
+    carried = {}
     if init_from:
-        params = _params_from_run(init_from, setup.model.param_shapes(), model_shardings)
+        params, carried = _params_from_run(init_from, setup.model.param_shapes(),
+                                           model_shardings)
     elif pretrained:
         _, loaded = hf.load_pretrained(pretrained, model=setup.model, rng=model_rng)
         flat_shardings = tree_lib.flatten(model_shardings)
@@ -199,15 +214,69 @@ def init_params(config, setup: Setup, rng) -> dict:
     else:
         params = jax.jit(setup.model.init, out_shardings=model_shardings)(model_rng)
     stats = calibration_stats(config, setup, params)
-    return jax.jit(setup.method.init, out_shardings=setup.param_shardings)(
+    params = jax.jit(setup.method.init, out_shardings=setup.param_shardings)(
         method_rng, params, stats)
+    if not carried:
+        return params
+    flat, flat_shardings = dict(tree_lib.flatten(params)), tree_lib.flatten(setup.param_shardings)
+    for path, value in carried.items():
+        if path in flat and flat[path].shape == value.shape:
+            flat[path] = jax.make_array_from_callback(
+                value.shape, flat_shardings[path],
+                lambda index, v=value.astype(flat[path].dtype, copy=False): v[index])
+    return tree_lib.unflatten(flat)
 
 
-def _params_from_run(workdir: str, shapes: dict, shardings: dict) -> dict:
-    """The model's leaves from another run's last checkpoint, each checked against the model's
-    shape and placed on its sharding. The method's own leaves are dropped, so a run whose update
-    lives beside frozen leaves (LoRA, ``sparse``, S²FT) gives its base, not base + update."""
-    saved = tree_lib.flatten(checkpoint.final_params(workdir))
+RUN_METHOD = "method.json"  # in a workdir: the run's config.method, to export its checkpoints
+
+
+def record_method(config, workdir: str) -> None:
+    """Write ``config.method`` to ``workdir/method.json`` (atomically, process 0), so later
+    readers of the run's checkpoints can export them (:func:`exported_params`)."""
+    if jax.process_index() != 0:
+        return
+    method = config.get("method") or {}
+    options = method.to_dict() if hasattr(method, "to_dict") else dict(method)
+    path = os.path.join(os.path.abspath(workdir), RUN_METHOD)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as file:
+        json.dump(options, file, indent=2, default=list)
+    os.replace(path + ".tmp", path)
+
+
+def exported_params(workdir: str, key: str = "config.model.init_from") -> dict:
+    """Another run's last checkpoint as plain params: its method (``workdir/method.json``)
+    exports it (LoRA merged, the grafted model; a prompt kept beside). A run without that
+    record (written by hand, say) is read as saved. ``key`` names the option in errors."""
+    saved = checkpoint.final_params(workdir, key=key)
+    record = os.path.join(workdir, RUN_METHOD)
+    if not os.path.isfile(record):
+        return saved
+    with open(record) as file:
+        options = json.load(file)
+    try:
+        method = methods.build(options)
+    except ValueError as err:
+        raise ValueError(f"{key}={workdir!r}: {record}: {err}") from None
+    return jax.device_get(method.export(saved))
+
+
+def model_params(config, model) -> dict:
+    """The run's initial model params without the method (pretrained, fresh or
+    ``init_from``), as a run of this config would start; what ``prepare`` reads."""
+    variant = copy.deepcopy(config)
+    with variant.unlocked():
+        variant.method = dict(name="full")
+    setup = make_setup(variant, model, int(config.train.steps))
+    return init_params(variant, setup, init_key(config))
+
+
+def _params_from_run(workdir: str, shapes: dict, shardings: dict) -> tuple[dict, dict]:
+    """``(model params, carried)`` from another run's exported last checkpoint: the model's
+    leaves, each checked against the model's shape and placed on its sharding, and the leaves
+    the model lacks (in host memory), which may start the new method's leaves."""
+    saved = {path: np.asarray(value)
+             for path, value in tree_lib.flatten(exported_params(workdir)).items()}
     flat_shardings = tree_lib.flatten(shardings)
     placed = {}
     for path, shape in tree_lib.flatten(shapes).items():
@@ -222,7 +291,8 @@ def _params_from_run(workdir: str, shapes: dict, shardings: dict) -> dict:
         value = value.astype(shape.dtype, copy=False)
         placed[path] = jax.make_array_from_callback(value.shape, flat_shardings[path],
                                                     lambda index, v=value: v[index])
-    return tree_lib.unflatten(placed)
+    carried = {path: value for path, value in saved.items() if path not in placed}
+    return tree_lib.unflatten(placed), carried
 
 
 def _stack(batches: list[dict]) -> dict:
@@ -280,23 +350,20 @@ def init_state(config, setup: Setup) -> dict:
 
 
 def _forward_sums(setup: Setup, trainable, frozen, batch, rng, *, training: bool):
-    """Summed task metrics, and the method's extra loss terms (training only)."""
+    """Summed task metrics, and the method's loss terms and metrics (training only)."""
     model = setup.model
     inputs, targets = tasks.model_inputs(model, batch, rng, training=training)
     variables = {"params": tree_lib.combine(trainable, frozen)}
     options = dict(deterministic=not training, rngs={"dropout": rng})
     if setup.loss_chunk:  # the model stops at its hidden states; the loss applies the head
         options["method"] = "hidden"
-    if training:
-        outputs, terms = setup.method.apply_with_losses(model.module, variables, **inputs,
-                                                        **options)
-    else:
-        outputs, terms = setup.method.apply(model.module, variables, **inputs, **options), {}
+    applied = setup.method.apply(model.module, variables, **inputs, **options)
+    outputs = applied.outputs
     if setup.loss_chunk:
         def head(hidden):
-            return setup.method.apply(model.module, variables, hidden, method="head")
-        return tasks.chunked_loss_sums(head, outputs, targets, setup.loss_chunk), terms
-    return tasks.loss_sums(model, outputs, targets), terms
+            return setup.method.apply(model.module, variables, hidden, method="head").outputs
+        return tasks.chunked_loss_sums(head, outputs, targets, setup.loss_chunk), applied
+    return tasks.loss_sums(model, outputs, targets), applied
 
 
 RNG_IMPLS = ("unsafe_rbg", "rbg", "threefry2x32")
@@ -321,11 +388,15 @@ def make_train_step(setup: Setup, grad_accum: int = 1, rng_impl: str = "unsafe_r
     gradients are summed in a scan. ``rng_impl``: see :func:`step_key`."""
 
     def loss_fn(trainable, frozen, batch, rng):
-        sums, terms = _forward_sums(setup, trainable, frozen, batch, rng, training=True)
+        sums, applied = _forward_sums(setup, trainable, frozen, batch, rng, training=True)
         count = jnp.maximum(sums["count"], 1.0)
-        # Terms are batch means; logged as sums like the task loss so ``means`` divides once.
-        sums = {**sums, **{name: value * count for name, value in terms.items()}}
-        return sums["loss"] / count + sum(terms.values()), sums
+        # Terms and metrics are batch means; logged as sums like the task loss so ``means``
+        # divides once. Only the terms join the optimised loss.
+        metrics = jax.lax.stop_gradient(
+            {name: jnp.asarray(value, jnp.float32) for name, value in applied.metrics.items()})
+        sums = {**sums, **{name: value * count
+                           for name, value in {**applied.losses, **metrics}.items()}}
+        return sums["loss"] / count + sum(applied.losses.values()), sums
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -498,6 +569,7 @@ def train(config, workdir: str) -> dict:
     total_steps = int(config.train.steps)
     setup = make_setup(config, model, total_steps)
     _log(banner.describe(setup))
+    record_method(config, workdir)
 
     # --- State: restored from the workdir, or created on its devices ------------------------
     manager = checkpoint.make_manager(workdir, keep=config.checkpoint.get("keep", 2),
