@@ -32,7 +32,7 @@ from typing import Any, ClassVar, NamedTuple
 
 # The packages whose modules define methods: every module in them is imported on first lookup,
 # so a method's file registering itself is all it takes.
-FAMILIES = ("research.lowrank", "research.sparse")
+FAMILIES = ("research.lowrank", "research.sparse", "research.adapters")
 _REGISTRY: dict[str, Callable[..., Method]] = {}
 
 
