@@ -150,6 +150,11 @@ def bench_accel(argv=()) -> None:
     run(list(argv))
 
 
+def bench_tuners(argv=()) -> None:
+    from launch.bench_tuners import bench_tuners as run
+    run(argv)
+
+
 def bench_compile(argv=()) -> None:
     from launch.bench_compile import main as run
     run(list(argv))
@@ -158,9 +163,9 @@ def bench_compile(argv=()) -> None:
 BENCHMARKS = {"train_step": bench_train_step, "lora": bench_lora,
               "lora_variants": bench_lora_variants, "merge": bench_merge, "masks": bench_masks,
               "fusion": bench_fusion, "sharding": bench_sharding, "accel": bench_accel,
-              "compile": bench_compile}
+              "compile": bench_compile, "tuners": bench_tuners}
 # Benchmarks that take their own flags (``python -m launch.bench accel --small``).
-WITH_OPTIONS = ("accel", "compile")
+WITH_OPTIONS = ("accel", "compile", "tuners")
 
 
 def main(argv=None) -> int:

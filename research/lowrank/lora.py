@@ -338,15 +338,21 @@ class LoRA(Method):
     def apply(self, module, variables, *args, **kwargs) -> Applied:
         """``module.apply`` with the low-rank path added at every adapted layer. Dropout on
         that path is on in training (``deterministic=False``)."""
-        flat_scales = tree.flatten(self.scales(variables["params"]))
+        with self.low_rank_paths(module, variables["params"], kwargs):
+            return Applied(module.apply(variables, *args, **kwargs))
+
+    def low_rank_paths(self, module, params, kwargs):
+        """The interception adding ``s·(x·A)·B`` to every adapted layer's own output, for a
+        call with ``kwargs`` (a variant computing that output differently, QLoRA's dequantised
+        base, intercepts inside this one)."""
+        flat_scales = tree.flatten(self.scales(params))
         by_module = {sites.parent(path): s for path, s in flat_scales.items()}
         if getattr(getattr(module, "config", None), "scan_layers", False):
             by_module = tree.with_layer_view(by_module, what="the LoRA scale")
         rate = self.dropout if training(kwargs) else 0.0
         path = functools.partial(_low_rank_path, scales=by_module, rate=rate,
                                  combine=self.combine)
-        with sites.intercept(path, sites.holding(A, B)):
-            return Applied(module.apply(variables, *args, **kwargs))
+        return sites.intercept(path, sites.holding(A, B))
 
     def export(self, params: dict) -> dict:
         """The base with ``W + s·A·B`` folded in (:func:`merge`)."""

@@ -196,9 +196,9 @@ def init_params(config, setup: Setup, rng) -> dict:
     Leaves of that run's export that the model lacks (a trained prompt) start the method's
     leaves of the same path and shape (progressive prompts)."""
     model_rng, method_rng = jax.random.split(rng)
-    all_shardings = tree_lib.flatten(setup.param_shardings)
-    model_shardings = tree_lib.unflatten(
-        {path: all_shardings[path] for path in tree_lib.flatten(setup.model.param_shapes())})
+    # From the model's own axes: a method may replace a model leaf (QLoRA's quantised kernels).
+    model_shardings = sharding.param_shardings(*abstract_params(setup.model), setup.mesh,
+                                               setup.rules)
     pretrained, init_from = config.model.get("pretrained"), config.model.get("init_from")
     carried = {}
     if init_from:
