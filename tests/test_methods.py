@@ -46,6 +46,7 @@ def _options(name: str, tmp_path) -> dict:
         "hft": {}, "sparse_reg": {}, "mask_tuning": {},
         "lora": dict(targets=KERNELS), "dora": dict(targets=KERNELS),
         "qlora": dict(targets=KERNELS, block_size=16), "ia3": {},
+        "vera": dict(rank=4), "loha": dict(targets=KERNELS), "lokr": dict(targets=KERNELS),
         "pela": dict(targets=KERNELS), "pego": dict(targets=KERNELS, modules=2),
         "dept": dict(prompt_length=3, rank=2),
         "multi_lora": dict(adapters=("a", "b"), lora=dict(targets=KERNELS)),
