@@ -52,6 +52,19 @@ def _tuners() -> dict:
                 lambda peft: peft.IA3Config(target_modules=PEFT_IA3_TARGETS,
                                             feedforward_modules=PEFT_IA3_FEEDFORWARD,
                                             modules_to_save=PEFT_HEAD)),
+        "prompt_tuning": (dict(name="prompt_tuning", num_virtual_tokens=20, also_train=HEAD),
+                          lambda peft: peft.PromptTuningConfig(
+                              task_type="SEQ_CLS", num_virtual_tokens=20,
+                              modules_to_save=PEFT_HEAD)),
+        "p_tuning": (dict(name="p_tuning", num_virtual_tokens=20, encoder_hidden_size=128,
+                          also_train=HEAD),
+                     lambda peft: peft.PromptEncoderConfig(
+                         task_type="SEQ_CLS", num_virtual_tokens=20, encoder_hidden_size=128,
+                         modules_to_save=PEFT_HEAD)),
+        # PEFT 0.21's prefix forward fails on transformers 5's BERT (``past_key_values`` was
+        # renamed), so there is no PEFT step to time.
+        "prefix_tuning": (dict(name="prefix_tuning", num_virtual_tokens=20, also_train=HEAD),
+                          None),
         "ln_tuning": (dict(name="ln_tuning", also_train=(r"pooler/.*",)),
                       lambda peft: peft.LNTuningConfig(
                           target_modules=[r"LayerNorm"], modules_to_save=PEFT_HEAD)),
