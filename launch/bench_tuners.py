@@ -65,6 +65,11 @@ def _tuners() -> dict:
         # renamed), so there is no PEFT step to time.
         "prefix_tuning": (dict(name="prefix_tuning", num_virtual_tokens=20, also_train=HEAD),
                           None),
+        "houlsby_rf16": (dict(name="houlsby", reduction_factor=16,
+                              also_train=(*HEAD, r"encoder/.*_norm/(scale|bias)")), None),
+        "pfeiffer_rf16": (dict(name="pfeiffer", reduction_factor=16, also_train=HEAD), None),
+        "ssf": (dict(name="ssf", also_train=HEAD), None),
+        "diffscaler_r8": (dict(name="diffscaler", rank=8, also_train=HEAD), None),
         "ln_tuning": (dict(name="ln_tuning", also_train=(r"pooler/.*",)),
                       lambda peft: peft.LNTuningConfig(
                           target_modules=[r"LayerNorm"], modules_to_save=PEFT_HEAD)),

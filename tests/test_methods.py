@@ -21,7 +21,15 @@ KERNELS = ((r"encoder/.*/attn/(query|value)/kernel", 2),)
 KEPT = {"dept": {"embeddings/prompt"}, "prompt_tuning": {"embeddings/prompt"},
         "p_tuning": {"embeddings/prompt"},
         "prefix_tuning": {f"encoder/layer_{i}/attn/{kv}/prefix" for i in (0, 1)
-                          for kv in ("key", "value")}}
+                          for kv in ("key", "value")},
+        "houlsby": {f"encoder/layer_{i}/{site}/adapter/{part}/{leaf}" for i in (0, 1)
+                    for site in ("attn/out", "mlp/wo") for part in ("down", "up")
+                    for leaf in ("kernel", "bias")},
+        "pfeiffer": {f"encoder/layer_{i}/mlp/wo/adapter/{part}/{leaf}" for i in (0, 1)
+                     for part in ("down", "up") for leaf in ("kernel", "bias")},
+        "diffscaler": {f"encoder/layer_{i}/{site}/diffscaler/{part}" for i in (0, 1)
+                       for site in ("attn/query", "attn/key", "attn/value", "attn/out",
+                                    "mlp/wi", "mlp/wo") for part in ("down", "up")}}
 
 
 def _model():
@@ -57,6 +65,7 @@ def _options(name: str, tmp_path) -> dict:
         "prompt_tuning": dict(num_virtual_tokens=3),
         "p_tuning": dict(num_virtual_tokens=3, encoder_hidden_size=8),
         "prefix_tuning": dict(num_virtual_tokens=3),
+        "houlsby": {}, "pfeiffer": {}, "ssf": {}, "diffscaler": {},
         "multi_lora": dict(adapters=("a", "b"), lora=dict(targets=KERNELS)),
         "green": dict(selected=(r"encoder/layer_1/mlp/wo/kernel",)),
         "s2ft": dict(heads=1, channels=0.25),

@@ -1,0 +1,310 @@
+"""Houlsby and Pfeiffer bottleneck adapters as tree transforms: sites, shapes, axes and what
+trains; fresh adapters change nothing; one post-LN (BERT) and one pre-LN (ViT) block against
+numpy, which places the adapter inside the residual branch before the norm (an adapter after the
+LayerNorm, or around the residual sum, fails them); export keeps the adapters and the method
+still runs them; training moves only the adapters; bad input is a one-line error."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.special import erf
+
+from research import methods, models, tree
+from research.adapters import bottleneck as bottleneck_lib
+from research.adapters.bottleneck import Houlsby, Pfeiffer
+from research.models.attention import make_mask
+from research.models.layers import Block
+from research.train import loop, optim
+
+TINY = dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, vocab_size=100,
+            max_length=32, hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def tiny_model(head="encoder", **overrides):
+    return models.build(f"bert_tiny_{head}", **{**TINY, **overrides})
+
+
+def random_tree(shapes, seed=0, scale=0.2):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape), jnp.float32),
+                        shapes)
+
+
+def randomize_adapters(params, seed=1, scale=0.3):
+    rng = np.random.default_rng(seed)
+    return tree.map_with_path(
+        lambda p, x: jnp.asarray(rng.normal(0.0, scale, x.shape), jnp.float32)
+        if "/adapter/" in p else x, params)
+
+
+def token_batch(rows=3, length=12, vocab=100, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, (rows, length)).astype(np.int32)
+    mask = np.ones((rows, length), np.int32)
+    mask[1, 8:] = 0
+    return ids, mask, np.zeros_like(ids)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def forward(model, method, params, *inputs):
+    if method is None:
+        return model.module.apply({"params": params}, *inputs)
+    return method.apply(model.module, {"params": params}, *inputs).outputs
+
+
+def gap(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_model()
+    return model, random_tree(model.param_shapes())
+
+
+def test_sites_shapes_axes_and_what_trains():
+    model = tiny_model("classifier")
+    shapes = model.param_shapes()
+    method = Houlsby(also_train=(r"classifier/.*",))
+    init_shapes = jax.eval_shape(method.init, jax.random.key(0), shapes)
+    added = {p: s.shape for p, s in tree.flatten(init_shapes).items() if "/adapter/" in p}
+    # d = 32, reduction factor 16: m = 2, after attn/out and mlp/wo of both blocks.
+    for layer in ("layer_0", "layer_1"):
+        for site in ("attn/out", "mlp/wo"):
+            prefix = f"encoder/{layer}/{site}/adapter"
+            assert added.pop(f"{prefix}/down/kernel") == (32, 2)
+            assert added.pop(f"{prefix}/down/bias") == (2,)
+            assert added.pop(f"{prefix}/up/kernel") == (2, 32)
+            assert added.pop(f"{prefix}/up/bias") == (32,)
+    assert not added
+
+    logical = tree.flatten(method.logical_axes(loop.abstract_params(model)[1], init_shapes))
+    assert logical["encoder/layer_0/mlp/wo/adapter/down/kernel"] == ("embed", None)
+    assert logical["encoder/layer_0/mlp/wo/adapter/up/kernel"] == (None, "embed")
+    assert logical["encoder/layer_0/attn/out/adapter/up/bias"] == ("embed",)
+
+    mask = tree.flatten(optim.trainable_mask(init_shapes, (), method.trainable))
+    assert {p for p, t in mask.items() if t} == (
+        {p for p in tree.flatten(init_shapes) if "/adapter/" in p}
+        | {"classifier/kernel", "classifier/bias"})
+
+    pfeiffer = methods.build(dict(name="pfeiffer", bottleneck=5))
+    assert isinstance(pfeiffer, Pfeiffer) and pfeiffer.nonlinearity == "relu"
+    plan = pfeiffer.plan(shapes)
+    assert list(plan) == ["encoder/layer_0/mlp/wo", "encoder/layer_1/mlp/wo"]
+    assert {site.bottleneck for site in plan.values()} == {5}
+    houlsby = methods.build(dict(name="houlsby"))
+    assert isinstance(houlsby, Houlsby) and houlsby.nonlinearity == "gelu"
+    # Blocks are chosen by rules, first match wins: an exclusion can precede a broad rule.
+    ruled = Houlsby(targets=[[r".*/layer_0/.*", False], r"encoder/.*/(attn/out|mlp/wo)"])
+    assert list(ruled.plan(shapes)) == ["encoder/layer_1/attn/out", "encoder/layer_1/mlp/wo"]
+    # Llama's MLP ends in mlp/down, without biases: the adapter keeps its own.
+    llama = models.build("llama_tiny_lm", num_layers=1)
+    llama_params = random_tree(llama.param_shapes())
+    method = Houlsby()
+    assert list(method.plan(llama_params)) == ["decoder/layer_0/attn/out",
+                                               "decoder/layer_0/mlp/down"]
+    ids = np.arange(1, 9, dtype=np.int32)[None]
+    adapted = method.init(jax.random.key(0), llama_params)
+    plain = llama.module.apply({"params": llama_params}, ids)
+    assert gap(method.apply(llama.module, {"params": adapted}, ids).outputs, plain) == 0.0
+    moved = method.apply(llama.module, {"params": randomize_adapters(adapted)}, ids).outputs
+    assert gap(moved, plain) > 1e-2
+
+def test_fresh_adapters_leave_outputs_unchanged(tiny):
+    model, params = tiny
+    ids, mask, types = token_batch()
+    plain = forward(model, None, params, ids, mask, types)
+    for method in (Houlsby(), Pfeiffer(reduction_factor=4, nonlinearity="tanh")):
+        adapted = method.init(jax.random.key(0), params)
+        down = tree.flatten(adapted)["encoder/layer_0/mlp/wo/adapter/down/kernel"]
+        assert 0 < np.abs(down).max() <= 2 * method.init_scale  # truncated at two stds
+        for x, y in zip(plain, forward(model, method, adapted, ids, mask, types)):
+            assert gap(x, y) < 1e-6  # exact up to the compiler's fusion
+        # And the adapters do act once they move, through a scanned stack as well.
+        moved = randomize_adapters(adapted)
+        ours = forward(model, method, moved, ids, mask, types)
+        assert gap(ours[0], plain[0]) > 1e-2
+        scanned = tiny_model(scan_layers=True)
+        assert gap(forward(scanned, method, moved, ids, mask, types)[0], ours[0]) < 1e-5
+
+
+# --- one block against numpy -----------------------------------------------------------------
+
+
+def layer_norm(x, p, eps=1e-12):
+    centred = x - x.mean(-1, keepdims=True)
+    return centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + eps) * p["scale"] + p["bias"]
+
+
+def attention(x, p):
+    def project(name):
+        return np.einsum("ble,ehd->blhd", x, p[name]["kernel"]) + p[name]["bias"]
+    q, k, v = project("query"), project("key"), project("value")
+    scores = np.einsum("blhd,bmhd->bhlm", q, k) / np.sqrt(q.shape[-1])
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    context = np.einsum("bhlm,bmhd->blhd", weights, v)
+    return np.einsum("blhd,hde->ble", context, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+def mlp(x, p):
+    hidden = x @ p["wi"]["kernel"] + p["wi"]["bias"]
+    hidden = 0.5 * hidden * (1 + erf(hidden / np.sqrt(2)))
+    return hidden @ p["wo"]["kernel"] + p["wo"]["bias"]
+
+
+def adapter(h, p, act):
+    down, up = p["adapter"]["down"], p["adapter"]["up"]
+    return h + act(h @ down["kernel"] + down["bias"]) @ up["kernel"] + up["bias"]
+
+
+def relu(x):
+    return np.maximum(x, 0)
+
+
+def block_case(pre_norm: bool, method, seed=3):
+    config = tiny_model(pre_norm=pre_norm).config
+    x = np.random.default_rng(seed).normal(size=(2, 5, 32))
+    layer = random_tree(tiny_model().param_shapes()["encoder"]["layer_0"], seed)
+    layer = randomize_adapters(method.init(jax.random.key(1), layer), seed + 1)
+    f = jax.tree.map(lambda v: np.asarray(v, np.float64), layer)
+    ours = method.apply(Block(config), {"params": layer}, jnp.asarray(x, jnp.float32),
+                        make_mask(None, False), True).outputs
+    return x, f, np.asarray(ours, np.float64)
+
+
+def test_post_ln_block_against_numpy():
+    """Houlsby in BERT: ``LN(x + a(attn(x)))`` then ``LN(y + a(mlp(y)))``."""
+    method = Houlsby(reduction_factor=4, nonlinearity="relu")
+    x, f, ours = block_case(False, method)
+    a, m = f["attn"], f["mlp"]
+    y = layer_norm(x + adapter(attention(x, a), a["out"], relu), f["attn_norm"])
+    want = layer_norm(y + adapter(mlp(y, m), m["wo"], relu), f["mlp_norm"])
+    assert gap(ours, want) < 1e-4
+    # The placements the test must tell apart: the adapter after the LayerNorm, or around the
+    # residual sum, compute something else.
+    y_after = adapter(layer_norm(x + attention(x, a), f["attn_norm"]), a["out"], relu)
+    after_ln = adapter(layer_norm(y_after + mlp(y_after, m), f["mlp_norm"]), m["wo"], relu)
+    y_around = layer_norm(adapter(x + attention(x, a), a["out"], relu), f["attn_norm"])
+    around = layer_norm(adapter(y_around + mlp(y_around, m), m["wo"], relu), f["mlp_norm"])
+    assert gap(ours, after_ln) > 1e-2 and gap(ours, around) > 1e-2
+
+
+def test_pre_ln_block_against_numpy():
+    """Pfeiffer in a pre-LN block (ViT, Llama): ``y + a(mlp(LN(y)))``, attention untouched."""
+    method = Pfeiffer(bottleneck=3)
+    x, f, ours = block_case(True, method, seed=5)
+    assert "adapter" not in f["attn"]["out"]
+    a, m = f["attn"], f["mlp"]
+    y = x + attention(layer_norm(x, f["attn_norm"]), a)
+    want = y + adapter(mlp(layer_norm(y, f["mlp_norm"]), m), m["wo"], relu)
+    assert gap(ours, want) < 1e-4
+    around = adapter(y + mlp(layer_norm(y, f["mlp_norm"]), m), m["wo"], relu)
+    assert gap(ours, around) > 1e-2
+
+
+def test_export_keeps_the_adapters_which_cannot_fold(tiny):
+    model, params = tiny
+    ids, mask, types = token_batch()
+    method = Houlsby()
+    adapted = randomize_adapters(method.init(jax.random.key(0), params))
+    exported = method.export(adapted)
+    tree.check_same_structure(exported, adapted)
+    assert gap(forward(model, method, exported, ids, mask, types)[0],
+               forward(model, method, adapted, ids, mask, types)[0]) == 0.0
+    # The plain model skips them: running an export needs the method.
+    assert gap(forward(model, None, exported, ids, mask, types)[0],
+               forward(model, method, adapted, ids, mask, types)[0]) > 1e-2
+
+
+def test_training_under_the_loop_moves_only_the_adapters():
+    from configs import common
+
+    config = common.base_config()
+    config.data.name = "rotten_tomatoes/sentiment"
+    config.model.name = "bert_tiny_classifier"
+    config.model.overrides = dict(num_classes=2, vocab_size=1000, hidden_size=32, num_heads=4,
+                                  mlp_dim=64, num_layers=1, hidden_dropout=0.0,
+                                  attention_dropout=0.0)
+    config.train.batch_size = 8
+    config.optim.learning_rate = 1e-2
+    config.optim.schedule = "constant"
+    config.mesh = dict(data=1)
+    config.method = dict(name="houlsby", reduction_factor=8, also_train=(r"classifier/.*",))
+    setup = loop.make_setup(config, loop.build_model(config), 2, devices=jax.devices()[:1])
+    state = loop.init_state(config, setup)
+    before = jax.device_get(state)
+    trainable = tree.flatten(before["trainable"])
+    assert set(trainable) == {f"encoder/layer_0/{site}/adapter/{part}/{leaf}"
+                              for site in ("attn/out", "mlp/wo") for part in ("down", "up")
+                              for leaf in ("kernel", "bias")} | {"classifier/kernel",
+                                                                 "classifier/bias"}
+    rng = np.random.default_rng(0)
+    batch = loop.global_batch(setup, {
+        "input_ids": rng.integers(1, 1000, (8, 16)).astype(np.int32),
+        "attention_mask": np.ones((8, 16), np.int32),
+        "token_type_ids": np.zeros((8, 16), np.int32),
+        "label": rng.integers(0, 2, (8,)).astype(np.int32)})
+    step = loop.make_train_step(setup)
+    # Two steps: with ``up`` at zero the first one moves ``up`` only, the second ``down`` too.
+    state, _ = step(state, batch)
+    state, _ = step(state, batch)
+    after = jax.device_get(state)
+    for path, value in tree.flatten(before["frozen"]).items():
+        np.testing.assert_array_equal(tree.flatten(after["frozen"])[path], value, err_msg=path)
+    for path, value in trainable.items():
+        assert np.abs(tree.flatten(after["trainable"])[path] - value).max() > 0, path
+
+
+def test_config_files_build_houlsby_and_pfeiffer():
+    from configs import minilm_houlsby, minilm_pfeiffer
+
+    shapes = models.build("minilm_l6_classifier", num_classes=2).param_shapes()
+    for module, kind, sites_per_layer in ((minilm_houlsby, Houlsby, 2),
+                                          (minilm_pfeiffer, Pfeiffer, 1)):
+        config = module.get_config("quick")
+        method = methods.build(config.method)
+        assert isinstance(method, kind) and config.train.steps == 4
+        plan = method.plan(shapes)
+        assert len(plan) == sites_per_layer * 6
+        assert {site.bottleneck for site in plan.values()} == {384 // 16}
+        mask = tree.flatten(optim.trainable_mask(
+            jax.eval_shape(method.init, jax.random.key(0), shapes), (), method.trainable))
+        assert mask["classifier/kernel"] and not mask["encoder/layer_0/mlp/wo/kernel"]
+        # Houlsby et al. train the layer norms with the adapters.
+        assert mask["encoder/layer_0/mlp_norm/scale"] == (kind is Houlsby)
+
+
+def one_line(info) -> None:
+    assert "\n" not in str(info.value)
+
+
+def test_bad_input_is_a_one_line_error(tiny):
+    _, params = tiny
+    cases = [
+        (dict(reduction_factor=5), (r"config.method.reduction_factor=5 does not divide the "
+                                    r"width 32 of encoder/layer_0/attn/out; pick a divisor or "
+                                    r"set config.method.bottleneck")),
+        (dict(bottleneck=0), r"config.method.bottleneck=0 is not an integer >= 1"),
+        (dict(reduction_factor=0), r"config.method.reduction_factor=0 is not an integer >= 1"),
+        (dict(nonlinearity="sigmoid"), (r"config.method.nonlinearity='sigmoid' is not one of "
+                                        r"\['gelu', 'relu', 'swish', 'tanh'\]")),
+        (dict(targets=(r"encoder/.*/mlp/woo",)), (r"houlsby target rule 'encoder/.\*/mlp/woo' "
+                                                  r"matches no parameter; closest: encoder/")),
+        (dict(targets=(r"encoder/layer_0/attn/query",)),
+         (r"houlsby target encoder/layer_0/attn/query outputs \[4, 8\]; an adapter maps a "
+          r"layer with one output axis")),
+        (dict(targets=()), r"houlsby target rules are empty"),
+        (dict(init_scale=0.0), r"config.method.init_scale=0.0 is not a number > 0"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=message) as info:
+            Houlsby(**options).plan(params)
+        one_line(info)
+    with pytest.raises(ValueError, match="config.method for 'pfeiffer'.*rank"):
+        methods.build(dict(name="pfeiffer", rank=4))
+    assert bottleneck_lib.NONLINEARITIES.keys() == {"gelu", "relu", "swish", "tanh"}
