@@ -36,6 +36,13 @@ def _tuners() -> dict:
                     lora()),
         "dora_r8": (dict(name="dora", targets=((ENCODER, 8),), alpha=16.0, also_train=HEAD),
                     lora(use_dora=True)),
+        # PEFT's step here never calls update_and_allocate; Scion's includes the allocator.
+        "adalora_r12": (dict(name="adalora", targets=(ENCODER,), init_r=12, target_r=8,
+                             alpha=16.0, also_train=HEAD),
+                        lambda peft: peft.AdaLoraConfig(
+                            init_r=12, target_r=8, lora_alpha=16.0, lora_dropout=0.0,
+                            total_step=100, target_modules=PEFT_LINEARS,
+                            modules_to_save=PEFT_HEAD)),
         "vera_r256": (dict(name="vera", targets=(ENCODER,), rank=256, also_train=HEAD),
                       lambda peft: peft.VeraConfig(r=256, target_modules=PEFT_LINEARS,
                                                    modules_to_save=PEFT_HEAD)),

@@ -14,7 +14,12 @@ A method's life in a run, each step one method of :class:`Method`:
    regulariser, a distillation loss), which the loop adds to the task loss, and metrics, which
    it only logs. The loop reads both in training steps only; a method may skip costly ones
    outside training (``deterministic=False`` marks a training call: :func:`training`).
-5. ``export(params)``: plain model params with the method folded in (LoRA merged, the grafted
+5. ``init_state`` and ``after_update``: a method that learns beside the optimizer keeps a
+   running state in the train state (``method_state``, checkpointed; an empty one, the
+   default, adds no key) and, inside the jitted step right after the optimizer's update,
+   reads that step's gradients to change its trainable leaves and its state (AdaLoRA's
+   importance averages, and its least important singular values masked to zero).
+6. ``export(params)``: plain model params with the method folded in (LoRA merged, the grafted
    model), keeping only the leaves that cannot fold (a prompt). ``init_from``, the analysis
    tools and the HF exporter read runs through it.
 
@@ -130,6 +135,22 @@ class Method:
     def apply(self, module, variables, *args, **kwargs) -> Applied:
         """The model run with the method: outputs, loss terms and metrics (see :class:`Applied`)."""
         return Applied(module.apply(variables, *args, **kwargs))
+
+    def init_state(self, trainable: dict) -> dict:
+        """The method's running state, from the trainable tree (pure: runs under ``jax.jit``
+        and ``jax.eval_shape``). The loop keeps it as the train state's ``method_state`` and
+        checkpoints it; empty (the default) adds nothing to the state."""
+        del trainable
+        return {}
+
+    def after_update(self, state: dict, trainable: dict, grads: dict,
+                     step) -> tuple[dict, dict]:
+        """``(trainable, state)`` after the optimizer's update of one training step: ``grads``
+        are that step's gradients of the trainable tree (before the optimizer's clipping),
+        ``step`` the traced count of steps done before it (0 in the first). Pure, inside the
+        jitted step; a step the loop skips (a non-finite loss) skips this too."""
+        del grads, step
+        return trainable, state
 
     def export(self, params: dict) -> dict:
         """Plain model params with the method folded in; leaves that cannot fold are kept."""

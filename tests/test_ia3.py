@@ -15,7 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from research import methods, models, tree  # noqa: E402
+from research import methods, models, peft_format, tree  # noqa: E402
 from research.adapters import ia3 as ia3_lib  # noqa: E402
 from research.adapters.ia3 import IA3  # noqa: E402
 from research.models import hf  # noqa: E402
@@ -225,12 +225,12 @@ def test_bad_input_is_a_one_line_error(tiny, tmp_path):
         ia3_lib.import_ia3_peft(missing, model, params)
     method = IA3()
     ia3_lib.export_ia3_peft(method, method.init(None, params), model, str(tmp_path / "a"))
-    os.remove(tmp_path / "a" / ia3_lib.ADAPTER_WEIGHTS)
+    os.remove(tmp_path / "a" / peft_format.ADAPTER_WEIGHTS)
     with pytest.raises(FileNotFoundError, match=r"a/adapter_model.safetensors does not exist"):
         ia3_lib.import_ia3_peft(str(tmp_path / "a"), model, params)
 
     ia3_lib.export_ia3_peft(method, method.init(None, params), model, str(tmp_path / "b"))
-    config_path = tmp_path / "b" / ia3_lib.ADAPTER_CONFIG
+    config_path = tmp_path / "b" / peft_format.ADAPTER_CONFIG
     config = json.load(open(config_path))
     json.dump({**config, "peft_type": "LORA"}, open(config_path, "w"))
     with pytest.raises(ValueError, match=r"b/adapter_config.json: peft_type='LORA'; only 'IA3' "
@@ -285,7 +285,7 @@ def test_exported_adapter_matches_peft_in_torch(tiny, torch_side, tmp_path):
     config = ia3_lib.export_ia3_peft(method, adapted, model, str(tmp_path / "adapter"),
                                      base_model_name_or_path=torch_side)
     assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no staging folder left behind
-    saved = json.load(open(tmp_path / "adapter" / ia3_lib.ADAPTER_CONFIG))
+    saved = json.load(open(tmp_path / "adapter" / peft_format.ADAPTER_CONFIG))
     assert saved == config and saved["peft_type"] == "IA3"
     assert saved["modules_to_save"] == ["pooler.dense"]
     assert "encoder.layer.1.attention.output.dense" in saved["feedforward_modules"]

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import common  # noqa: E402
-from research import methods, models, tree  # noqa: E402
+from research import methods, models, peft_format, tree  # noqa: E402
 from research.lowrank import lora as lora_lib  # noqa: E402
 from research.lowrank import peft as peft_lib  # noqa: E402
 from research.lowrank.lora import LoRA  # noqa: E402
@@ -329,7 +329,7 @@ def test_exported_adapter_matches_peft_in_torch(tiny, torch_side, tmp_path):
         4, 16.0, ["pooler.dense"])
     assert set(config["rank_pattern"].values()) == {2, 3} and set(
         config["alpha_pattern"].values()) == {4.0}
-    saved = json.load(open(tmp_path / "adapter" / peft_lib.ADAPTER_CONFIG))
+    saved = json.load(open(tmp_path / "adapter" / peft_format.ADAPTER_CONFIG))
     assert saved["peft_type"] == "LORA"
 
     base = transformers.BertModel.from_pretrained(torch_side)

@@ -17,7 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from research import methods, models, tree  # noqa: E402
+from research import methods, models, peft_format, tree  # noqa: E402
 from research.lowrank import lycoris  # noqa: E402
 from research.lowrank.loha import LoHa  # noqa: E402
 from research.lowrank.lokr import LoKr, factorization  # noqa: E402
@@ -344,7 +344,7 @@ def test_bad_input_is_a_one_line_error(tiny, tmp_path):
     loha = METHODS["loha"]()
     lycoris.export_lycoris_peft(loha, loha.init(jax.random.key(0), params), model,
                                 str(tmp_path / "a"))
-    config_path = tmp_path / "a" / lycoris.ADAPTER_CONFIG
+    config_path = tmp_path / "a" / peft_format.ADAPTER_CONFIG
     config = json.load(open(config_path))
     for change, message in (
             (dict(peft_type="LORA"), r"a/adapter_config.json: peft_type='LORA'; only 'LOHA' "
@@ -410,7 +410,7 @@ def test_exported_adapter_matches_peft_in_torch(tiny, torch_side, tmp_path, name
     config = lycoris.export_lycoris_peft(method, adapted, model, str(tmp_path / "adapter"),
                                          base_model_name_or_path=torch_side)
     assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no staging folder left behind
-    saved = json.load(open(tmp_path / "adapter" / lycoris.ADAPTER_CONFIG))
+    saved = json.load(open(tmp_path / "adapter" / peft_format.ADAPTER_CONFIG))
     assert saved == config and saved["peft_type"] == name.upper()
     assert saved["modules_to_save"] == ["pooler.dense"] and saved["r"] == 8
     assert saved["rank_pattern"]["encoder\\.layer\\.0\\.attention\\.self\\.query"] == 3

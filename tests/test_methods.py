@@ -66,6 +66,8 @@ def _options(name: str, tmp_path) -> dict:
         "p_tuning": dict(num_virtual_tokens=3, encoder_hidden_size=8),
         "prefix_tuning": dict(num_virtual_tokens=3),
         "houlsby": {}, "pfeiffer": {}, "ssf": {}, "diffscaler": {},
+        "adalora": dict(targets=(r"encoder/.*/attn/(query|value)/kernel",), init_r=4, target_r=2,
+                        total_step=10),
         "multi_lora": dict(adapters=("a", "b"), lora=dict(targets=KERNELS)),
         "green": dict(selected=(r"encoder/layer_1/mlp/wo/kernel",)),
         "s2ft": dict(heads=1, channels=0.25),

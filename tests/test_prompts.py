@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import safetensors.numpy  # noqa: E402
 
-from research import methods, models, sites, tree  # noqa: E402
+from research import methods, models, peft_format, sites, tree  # noqa: E402
 from research.adapters import prefix as prefix_lib  # noqa: E402
 from research.adapters import prompts  # noqa: E402
 from research.adapters.prefix import PrefixTuning  # noqa: E402
@@ -359,7 +359,7 @@ def test_bad_input_is_a_one_line_error(bert, llama, tmp_path):
     # PEFT folders that do not fit.
     method = PrefixTuning(num_virtual_tokens=N, also_train=HEAD)
     prompts.export_prompt_peft(method, adapted, model, str(tmp_path / "a"))
-    config_path = tmp_path / "a" / prompts.ADAPTER_CONFIG
+    config_path = tmp_path / "a" / peft_format.ADAPTER_CONFIG
     config = json.load(open(config_path))
     for change, message in (
             (dict(peft_type="LORA"), r"peft_type='LORA' is not one of \('PROMPT_TUNING', "
@@ -396,7 +396,7 @@ def test_a_failed_export_leaves_the_old_folder_whole(bert, tmp_path, monkeypatch
                                str(tmp_path / "adapter"))
     before = {name: open(tmp_path / "adapter" / name, "rb").read()
               for name in os.listdir(tmp_path / "adapter")}
-    assert sorted(before) == [prompts.ADAPTER_CONFIG, prompts.ADAPTER_WEIGHTS]
+    assert sorted(before) == [peft_format.ADAPTER_CONFIG, peft_format.ADAPTER_WEIGHTS]
 
     def fail(tensors, path, **_):
         with open(path, "wb") as file:
@@ -473,7 +473,7 @@ def _round_trip(method, adapted, model, params, directory, base_dir, transformer
 
     config = prompts.export_prompt_peft(method, adapted, model, directory,
                                         base_model_name_or_path=base_dir)
-    assert json.load(open(os.path.join(directory, prompts.ADAPTER_CONFIG))) == config
+    assert json.load(open(os.path.join(directory, peft_format.ADAPTER_CONFIG))) == config
     base = transformers_class.from_pretrained(base_dir)
     torch_model = peft.PeftModel.from_pretrained(base, directory).eval()
     ours = run(model, method, adapted, *inputs)
@@ -563,7 +563,7 @@ def test_bert_prefix_tuning_matches_peft_both_ways(bert, bert_dir, tmp_path):
     assert (config["num_layers"], config["num_attention_heads"], config["token_dim"]) == (2, 4,
                                                                                            32)
     # PEFT's table layout: layer 1's value is the fourth block of kv_heads·head_dim columns.
-    table = safetensors.numpy.load_file(str(tmp_path / "ours" / prompts.ADAPTER_WEIGHTS))[
+    table = safetensors.numpy.load_file(str(tmp_path / "ours" / peft_format.ADAPTER_WEIGHTS))[
         prompts.PROMPT_KEY]
     assert table.shape == (N, 2 * 2 * 32)
     np.testing.assert_array_equal(

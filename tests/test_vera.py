@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from research import methods, models, tree  # noqa: E402
+from research import methods, models, peft_format, tree  # noqa: E402
 from research.lowrank import vera as vera_lib  # noqa: E402
 from research.lowrank.vera import VeRA  # noqa: E402
 from research.models import hf  # noqa: E402
@@ -287,7 +287,7 @@ def test_bad_input_is_a_one_line_error(tiny, tmp_path):
         vera_lib.import_vera_peft(missing, model, params)
     method = VeRA(**WIDE)
     vera_lib.export_vera_peft(method, method.init(None, params), model, str(tmp_path / "b"))
-    config_path = tmp_path / "b" / vera_lib.ADAPTER_CONFIG
+    config_path = tmp_path / "b" / peft_format.ADAPTER_CONFIG
     config = json.load(open(config_path))
     json.dump({**config, "peft_type": "LORA"}, open(config_path, "w"))
     with pytest.raises(ValueError, match=r"b/adapter_config.json: peft_type='LORA'; only 'VERA' "
@@ -353,7 +353,7 @@ def test_exported_adapter_matches_peft_in_torch(tiny, torch_side, tmp_path):
     config = vera_lib.export_vera_peft(method, adapted, model, str(tmp_path / "adapter"),
                                        base_model_name_or_path=torch_side)
     assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no staging folder left behind
-    saved = json.load(open(tmp_path / "adapter" / vera_lib.ADAPTER_CONFIG))
+    saved = json.load(open(tmp_path / "adapter" / peft_format.ADAPTER_CONFIG))
     assert saved == config and saved["peft_type"] == "VERA" and saved["r"] == 4
     assert saved["modules_to_save"] == ["pooler.dense"]
     # "dense" would also pick the pooler, so the targets go by their full names.

@@ -13,27 +13,24 @@ layer), so the plain model computes the same function.
 
 :func:`export_ia3_peft` and :func:`import_ia3_peft` read and write PEFT's on-disk format
 (``adapter_config.json`` + ``adapter_model.safetensors``, tensors
-``base_model.model.M.ia3_l``), with names and layouts from :mod:`research.models.hf`.
+``base_model.model.M.ia3_l``) through :mod:`research.peft_format`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import re
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 
-from research import files, sites, tree
+from research import peft_format, sites, tree
 from research.lowrank.lora import DEFAULT_INPUT_AXES
 from research.methods import Applied, Method, register
-from research.models import hf
+from research.peft_format import KEY_PREFIX
 
 L = "ia3_l"
 VECTOR_PATTERN = rf"(.*/)?{L}"
@@ -42,9 +39,6 @@ VECTOR_PATTERN = rf"(.*/)?{L}"
 DEFAULT_TARGETS = (r"(.*/)?attn/(key|value)/kernel", r"(.*/)?mlp/(wo|down)/kernel")
 DEFAULT_FEEDFORWARD = (r"(.*/)?mlp/(wo|down)/kernel",)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-KEY_PREFIX = "base_model.model."
 PEFT_TYPE = "IA3"
 
 
@@ -225,18 +219,6 @@ def fold(params, method: IA3) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _hf_names(model, flat) -> dict:
-    """``{our path: (HF tensor name, layout)}`` for ``model``'s ``transformers`` class."""
-    fmt = hf.FORMATS[model.family]
-    _, prefixed = fmt.architecture(model.head)
-    prefix = fmt.prefix if prefixed else ""
-    return {p: fmt.hf_name(p, prefix) for p in flat}
-
-
-def _module(name: str) -> str:
-    return name.rpartition(".")[0]
-
-
 def _peft_lists(targets: set, feedforward: set, candidates: set) -> tuple[list, list]:
     """PEFT's ``target_modules`` and ``feedforward_modules``: last name components when they
     select exactly these modules under PEFT's matching (targets: the name or a ``.``-suffix;
@@ -260,11 +242,11 @@ def export_ia3_peft(method: IA3, params, model, directory: str, *,
         raise ValueError("export_ia3_peft: params hold no IA3 vectors")
     base = strip_vectors(flat)
     tree.check_same_structure(model.param_shapes(), tree.unflatten(base))
-    names = _hf_names(model, base)
+    names = peft_format.hf_names(model, base)
 
     tensors, targets, feedforward = {}, set(), set()
     for path, target in plan.items():
-        module = _module(names[path][0])
+        module = peft_format.module_name(names[path][0])
         vector = np.asarray(flat[target.vector], np.float32).reshape(-1)
         tensors[f"{KEY_PREFIX}{module}.{L}"] = (vector[None, :] if target.feedforward
                                                  else vector[:, None])
@@ -272,56 +254,22 @@ def export_ia3_peft(method: IA3, params, model, directory: str, *,
         if target.feedforward:
             feedforward.add(module)
 
-    # Modules trained beside the adapter travel whole, as PEFT's modules_to_save.
-    also = tree.resolve_rules([(p, True) for p in method.also_train], list(base),
-                              default=False, require_match=False)
-    saved = {_module(names[p][0]) for p, chosen in also.items() if chosen}
-    clash = sorted(saved & targets)
-    if clash:
-        raise ValueError(f"export_ia3_peft: module {clash[0]!r} trains whole and carries an "
-                         f"IA3 vector; PEFT cannot hold both")
-    for path, value in base.items():
-        name, layout = names[path]
-        if _module(name) in saved:
-            tensors[KEY_PREFIX + name] = layout.to_hf(np.asarray(value, np.float32))
-
-    candidates = {_module(names[p][0]) for p in base if sites.leaf(p) == "kernel"} - saved
+    saved, saved_tensors = peft_format.modules_to_save(
+        method.also_train, base, names, targets, what="export_ia3_peft",
+        carries="an IA3 vector")
+    tensors.update(saved_tensors)
+    candidates = set(peft_format.adaptable_modules(names)) - set(saved)
     target_modules, feedforward_modules = _peft_lists(targets, feedforward, candidates)
     config = {
         "peft_type": PEFT_TYPE, "task_type": None,
         "base_model_name_or_path": base_model_name_or_path,
         "target_modules": target_modules, "feedforward_modules": feedforward_modules,
-        "modules_to_save": sorted(saved) or None, "exclude_modules": None,
+        "modules_to_save": saved or None, "exclude_modules": None,
         "fan_in_fan_out": False, "init_ia3_weights": True, "inference_mode": True,
         "revision": None,
     }
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-
-    def write_config(path):
-        with open(path, "w") as file:
-            json.dump(config, file, indent=2, sort_keys=True)
-    files.write_atomically(directory, {
-        ADAPTER_WEIGHTS: lambda path: safetensors.numpy.save_file(
-            tensors, path, metadata={"format": "pt"}),
-        ADAPTER_CONFIG: write_config,
-    })
+    peft_format.write_adapter(directory, config, tensors)
     return config
-
-
-def _read_adapter(directory: str) -> tuple[dict, str, dict]:
-    config_path = os.path.join(directory, ADAPTER_CONFIG)
-    weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} does not exist")
-    with open(config_path) as file:
-        config = json.load(file)
-    if config.get("peft_type") != PEFT_TYPE:
-        raise ValueError(f"{config_path}: peft_type={config.get('peft_type')!r}; only "
-                         f"{PEFT_TYPE!r} adapters import here")
-    if config.get("fan_in_fan_out", False):
-        raise ValueError(f"{config_path}: fan_in_fan_out=True is not supported (only False)")
-    return config, weights_path, safetensors.numpy.load_file(weights_path)
 
 
 def _is_feedforward(config: dict, module: str) -> bool:
@@ -333,55 +281,25 @@ def _is_feedforward(config: dict, module: str) -> bool:
     return any(module.endswith(key) for key in rule)
 
 
-def _exact(paths) -> tuple:
-    return tuple(re.escape(p) for p in sorted(paths))
-
-
 def import_ia3_peft(directory: str, model, params) -> tuple[IA3, dict]:
     """``(IA3 method, params with vectors)`` from a PEFT IA³ adapter for ``model``. ``params``
     are the base weights (vectors already in them are replaced); ``modules_to_save`` weights
     replace theirs and train (``also_train``). An adapter that does not fit the model is a
     one-line error naming the tensor and the shapes."""
-    config, weights_path, tensors = _read_adapter(directory)
+    adapter = peft_format.read_adapter(directory, (PEFT_TYPE,), {"fan_in_fan_out": False})
+    weights_path = adapter.weights_path
     flat = strip_vectors(tree.flatten(params))
     tree.check_same_structure(model.param_shapes(), tree.unflatten(flat))
-    fmt = hf.FORMATS[model.family]
-    names = {}
-    for key in tensors:
-        if not key.startswith(KEY_PREFIX):
-            raise ValueError(f"{weights_path}: tensor {key!r} does not start with {KEY_PREFIX!r}")
-        names[key] = key[len(KEY_PREFIX):]
-    prefix = fmt.prefix if any(n.startswith(fmt.prefix) for n in names.values()) else ""
-    by_tensor = {}
-    for path in flat:
-        name, layout = fmt.hf_name(path, prefix)
-        by_tensor[name] = (path, layout)
-    by_module = {name[: -len(".weight")]: path for name, (path, _) in by_tensor.items()
-                 if name.endswith(".weight") and sites.leaf(path) == "kernel"}
+    found = peft_format.sort_tensors(adapter, model, flat, (L,), holding=f"{L} vectors")
 
-    vectors, saved = {}, {}
-    for key, name in names.items():
-        module, _, leaf = name.rpartition(".")
-        if leaf == L:
-            if module not in by_module:
-                near = ", ".join(tree.closest_paths(module, by_module))
-                raise ValueError(f"{weights_path}: adapter module {module!r} has no "
-                                 f"counterpart in this {model.family} model; closest: {near}")
-            vectors[by_module[module]] = (module, tensors[key])
-        elif name in by_tensor:
-            saved[name] = tensors[key]
-        else:
-            near = ", ".join(tree.closest_paths(name, by_tensor))
-            raise ValueError(f"{weights_path}: tensor {key!r} has no counterpart in this "
-                             f"{model.family} model; closest: {near}")
-    if not vectors:
-        raise ValueError(f"{weights_path}: the adapter holds no {L} vectors")
-
-    feedforward = {p for p, (module, _) in vectors.items() if _is_feedforward(config, module)}
-    method = IA3(targets=_exact(vectors), feedforward=_exact(feedforward),
-                 also_train=tuple(re.escape(by_tensor[name][0]) for name in sorted(saved)))
+    feedforward = {p for p, (module, _) in found.adapted.items()
+                   if _is_feedforward(adapter.config, module)}
+    method = IA3(targets=peft_format.exact_rules(found.adapted),
+                 feedforward=peft_format.exact_rules(feedforward),
+                 also_train=peft_format.exact_rules(found.saved))
     for path, target in method.plan(tree.unflatten(flat)).items():
-        module, value = vectors[path]
+        module, parts = found.adapted[path]
+        value = parts[L]
         size = int(np.prod(target.vector_shape))
         want = (1, size) if target.feedforward else (size, 1)
         if tuple(value.shape) != want:
@@ -390,12 +308,5 @@ def import_ia3_peft(directory: str, model, params) -> tuple[IA3, dict]:
                              f"this model's {path} {target.shape} scaled on its {kind}, which "
                              f"needs {want}")
         flat[target.vector] = np.asarray(value, np.float32).reshape(target.vector_shape)
-    for name, value in saved.items():
-        path, layout = by_tensor[name]
-        shape = tuple(flat[path].shape)
-        want = tuple(jax.eval_shape(layout.to_hf, jax.ShapeDtypeStruct(shape, np.float32)).shape)
-        if tuple(value.shape) != want:
-            raise ValueError(f"{weights_path}: module tensor {name!r} {tuple(value.shape)} does "
-                             f"not fit this model's {path} {shape}, which needs {want}")
-        flat[path] = np.asarray(layout.to_ours(value, shape), np.float32)
+    flat.update(peft_format.load_saved(found.saved, found.names, flat, weights_path))
     return method, jax.tree.map(jnp.asarray, tree.unflatten(flat))

@@ -17,24 +17,21 @@ the encoder's padding mask gains ``n`` leading ones. Positions need nothing: the
 module already numbers the ``n + L`` rows it sees.
 
 The PEFT format (both ways) for these two and :mod:`research.adapters.prefix` is
-:func:`export_prompt_peft` / :func:`import_prompt_peft`.
+:func:`export_prompt_peft` / :func:`import_prompt_peft`, over :mod:`research.peft_format`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 
-from research import files, sites, tree
+from research import peft_format, sites, tree
 from research.adapters import prefix as prefix_lib
 from research.methods import Applied, Method, register
 from research.models import hf
@@ -248,8 +245,6 @@ class PTuning(PromptTuning):
 # PEFT format
 # ---------------------------------------------------------------------------------------------
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PROMPT_KEY = "prompt_embeddings"
 KEY_PREFIX = "base_model."  # prompt learning wraps the transformers model directly
 PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
@@ -258,10 +253,7 @@ TASK_TYPES = {"classifier": "SEQ_CLS", "encoder": "FEATURE_EXTRACTION", "lm": "C
 
 def _names(model) -> dict[str, tuple[str, hf.Layout]]:
     """Our path -> (HF tensor name, layout) for ``model``'s own params."""
-    fmt = hf.FORMATS[model.family]
-    _, prefixed = fmt.architecture(model.head)
-    prefix = fmt.prefix if prefixed else ""
-    return {path: fmt.hf_name(path, prefix) for path in tree.flatten(model.param_shapes())}
+    return peft_format.hf_names(model, tree.flatten(model.param_shapes()))
 
 
 def export_prompt_peft(method: Method, params, model, directory: str, *,
@@ -298,26 +290,11 @@ def export_prompt_peft(method: Method, params, model, directory: str, *,
         else:
             config.update(prompt_tuning_init="RANDOM", prompt_tuning_init_text=None,
                           tokenizer_name_or_path=None, tokenizer_kwargs=None)
-    tensors = {PROMPT_KEY: np.asarray(table, np.float32)}
-    names = _names(model)
-    chosen = tree.resolve_rules([(p, True) for p in method.also_train], list(names),
-                                default=False, require_match=False)
-    modules = set()
-    for path in (p for p, take in chosen.items() if take):
-        name, layout = names[path]
-        tensors[KEY_PREFIX + name] = layout.to_hf(np.asarray(flat[path], np.float32))
-        modules.add(name.rpartition(".")[0])
-    config["modules_to_save"] = sorted(modules) or None
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-
-    def write_config(path):
-        with open(path, "w") as file:
-            json.dump(config, file, indent=2, sort_keys=True)
-    files.write_atomically(directory, {
-        ADAPTER_WEIGHTS: lambda path: safetensors.numpy.save_file(
-            tensors, path, metadata={"format": "pt"}),
-        ADAPTER_CONFIG: write_config,
-    })
+    saved, tensors = peft_format.modules_to_save(method.also_train, flat, _names(model),
+                                                 key_prefix=KEY_PREFIX)
+    tensors[PROMPT_KEY] = np.asarray(table, np.float32)
+    config["modules_to_save"] = saved or None
+    peft_format.write_adapter(directory, config, tensors)
     return config
 
 
@@ -338,13 +315,8 @@ def import_prompt_peft(directory: str, model, params) -> tuple[Method, dict]:
     ``PREFIX_TUNING`` (``prefix_projection=False``) gives a
     :class:`~research.adapters.prefix.PrefixTuning`. ``modules_to_save`` weights replace
     theirs and train (``also_train``)."""
-    config_path = os.path.join(directory, ADAPTER_CONFIG)
-    weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} does not exist")
-    with open(config_path) as file:
-        config = json.load(file)
+    adapter = peft_format.read_adapter(directory)
+    config, config_path, weights_path = adapter.config, adapter.config_path, adapter.weights_path
     peft_type = config.get("peft_type")
     if peft_type not in PEFT_TYPES:
         raise ValueError(f"{config_path}: peft_type={peft_type!r} is not one of {PEFT_TYPES}")
@@ -353,7 +325,7 @@ def import_prompt_peft(directory: str, model, params) -> tuple[Method, dict]:
                          f"{config['num_transformer_submodules']!r}; only 1 (no encoder-decoder)")
     if peft_type == "PREFIX_TUNING" and config.get("prefix_projection", False):
         raise ValueError(f"{config_path}: prefix_projection=True is not supported (only False)")
-    tensors = safetensors.numpy.load_file(weights_path)
+    tensors = dict(adapter.tensors)
     if PROMPT_KEY not in tensors:
         raise ValueError(f"{weights_path} holds no {PROMPT_KEY!r} tensor")
     table = tensors.pop(PROMPT_KEY)
@@ -362,29 +334,26 @@ def import_prompt_peft(directory: str, model, params) -> tuple[Method, dict]:
     if peft_type == "PREFIX_TUNING":
         _check_prefix_config(config, config_path, model.config)
     flat = dict(tree.flatten(params))
-    by_name = {name: (path, layout) for path, (name, layout) in _names(model).items()}
-    saved = []
+    names = _names(model)
+    by_name = {name: path for path, (name, _) in names.items()}
+    saved = {}
     for key, value in tensors.items():
         name = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else None
         if name not in by_name:
             near = ", ".join(tree.closest_paths(str(name or key), by_name))
             raise ValueError(f"{weights_path}: tensor {key!r} has no counterpart in this "
                              f"{model.family} model; closest: {near}")
-        path, layout = by_name[name]
-        shape = tuple(flat[path].shape)
-        want = tuple(jax.eval_shape(layout.to_hf, jax.ShapeDtypeStruct(shape, np.float32)).shape)
-        if tuple(value.shape) != want:
-            raise ValueError(f"{weights_path}: tensor {key!r} {tuple(value.shape)} does not fit "
-                             f"this model's {path} {shape}, which needs {want}")
-        flat[path] = jnp.asarray(layout.to_ours(value, shape), jnp.float32)
-        saved.append(re.escape(path))
+        saved[by_name[name]] = (key, value)
+    flat.update({path: jnp.asarray(value) for path, value in
+                 peft_format.load_saved(saved, names, flat, weights_path).items()})
+    also_train = peft_format.exact_rules(saved)
     stack = hf.FORMATS[model.family].stack
     if peft_type == "PREFIX_TUNING":
         method = prefix_lib.PrefixTuning(num_virtual_tokens=n, encoder=stack,
-                                         also_train=tuple(saved))
+                                         also_train=also_train)
         flat.update(prefix_lib.from_peft_table(method, flat, table, weights_path))
         return method, tree.unflatten(flat)
-    method = PromptTuning(num_virtual_tokens=n, encoder=stack, also_train=tuple(saved))
+    method = PromptTuning(num_virtual_tokens=n, encoder=stack, also_train=also_train)
     width = tuple(flat[method.embedding].shape)[1]
     if tuple(table.shape) != (n, width):
         raise ValueError(f"{weights_path}: {PROMPT_KEY} {tuple(table.shape)} does not fit "

@@ -15,33 +15,24 @@ In the step, :meth:`Lycoris.apply` intercepts each adapted layer and adds ``x·�
 output, forming ``ΔW`` per layer and per call in the layer's compute dtype, as PEFT does: it is
 one kernel-sized matrix per layer, cheap beside the matmuls of a batch. :meth:`Lycoris.export`
 folds ``W + ΔW`` into the kernels. PEFT's ``rank_dropout`` and ``module_dropout`` are accepted
-at 0 only.
+at 0 only. The PEFT folder is read and written through :mod:`research.peft_format`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import re
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 
-from research import files, sites, tree
+from research import peft_format, sites, tree
 from research.lowrank.lora import DEFAULT_INPUT_AXES
-from research.lowrank.peft import (_hf_shape, _module_name, _most_common, _pattern,
-                                   _pattern_value, _rules, _short_targets)
 from research.methods import Applied, Method
 from research.models import hf
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-KEY_PREFIX = "base_model.model."
+from research.peft_format import KEY_PREFIX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,59 +289,36 @@ def export_lycoris_peft(method: Lycoris, params, model, directory: str, *,
         raise ValueError(f"{what}: params hold no {method.title} factors")
     base = method.strip_factors(flat)
     tree.check_same_structure(model.param_shapes(), tree.unflatten(base))
-    fmt = hf.FORMATS[model.family]
-    _, prefixed = fmt.architecture(model.head)
-    prefix = fmt.prefix if prefixed else ""
-    names = {p: fmt.hf_name(p, prefix) for p in base}
+    names = peft_format.hf_names(model, base)
 
     tensors, ranks, alphas = {}, {}, {}
     for path, target in plan.items():
         name, layout = names[path]
-        module = _module_name(name, path)
-        if _hf_shape(layout, target.shape) != (target.fan_out, target.fan_in):
-            raise ValueError(f"{what}: {path} {target.shape} is not a torch Linear "
-                             f"[{target.fan_out}, {target.fan_in}] PEFT can adapt")
+        module = peft_format.weight_module(name, path)
+        peft_format.check_linear(what, path, target.shape, layout, target.input_axes)
         for factor, value in method.factors_at(flat, target).items():
             tensors[f"{KEY_PREFIX}{module}.{factor}"] = np.asarray(value, np.float32)
         ranks[module], alphas[module] = target.rank, target.alpha
 
-    # Modules trained beside the adapter travel whole, as PEFT's modules_to_save.
-    also = tree.resolve_rules([(p, True) for p in method.also_train], list(base),
-                              default=False, require_match=False)
-    saved = {names[p][0].rpartition(".")[0] for p, chosen in also.items() if chosen}
-    clash = sorted(saved & set(ranks))
-    if clash:
-        raise ValueError(f"{what}: module {clash[0]!r} trains whole and carries factors; PEFT "
-                         f"cannot hold both")
-    for path, value in base.items():
-        name, layout = names[path]
-        if name.rpartition(".")[0] in saved:
-            tensors[KEY_PREFIX + name] = layout.to_hf(np.asarray(value, np.float32))
-
-    candidates = {names[p][0].rpartition(".")[0] for p in base if sites.leaf(p) == "kernel"}
-    rank, alpha = _most_common(ranks), _most_common(alphas)
+    saved, saved_tensors = peft_format.modules_to_save(
+        method.also_train, base, names, ranks, what=what, carries="factors")
+    tensors.update(saved_tensors)
+    candidates = set(peft_format.adaptable_modules(names)) - set(saved)
+    rank, alpha = peft_format.most_common(ranks), peft_format.most_common(alphas)
     config = {
         "peft_type": method.peft_type, "task_type": None,
         "base_model_name_or_path": base_model_name_or_path,
         "r": rank, "alpha": alpha,
-        "rank_pattern": {_pattern(m): r for m, r in ranks.items() if r != rank},
-        "alpha_pattern": {_pattern(m): a for m, a in alphas.items() if a != alpha},
+        "rank_pattern": {peft_format.pattern_key(m): r for m, r in ranks.items() if r != rank},
+        "alpha_pattern": {peft_format.pattern_key(m): a for m, a in alphas.items()
+                          if a != alpha},
         "rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
-        "target_modules": _short_targets(set(ranks), candidates - saved),
+        "target_modules": peft_format.target_modules(set(ranks), candidates),
         "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
-        "modules_to_save": sorted(saved) or None, "init_weights": method.init_weights,
+        "modules_to_save": saved or None, "init_weights": method.init_weights,
         "inference_mode": True, "revision": None, **method.peft_options(),
     }
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-
-    def write_config(path):
-        with open(path, "w") as file:
-            json.dump(config, file, indent=2, sort_keys=True)
-    files.write_atomically(directory, {
-        ADAPTER_WEIGHTS: lambda path: safetensors.numpy.save_file(
-            tensors, path, metadata={"format": "pt"}),
-        ADAPTER_CONFIG: write_config,
-    })
+    peft_format.write_adapter(directory, config, tensors)
     return config
 
 
@@ -361,83 +329,40 @@ def _methods() -> dict[str, type[Lycoris]]:
     return {cls.peft_type: cls for cls in (LoHa, LoKr)}
 
 
-def _read_adapter(directory: str) -> tuple[dict, str, dict, type[Lycoris]]:
-    config_path = os.path.join(directory, ADAPTER_CONFIG)
-    weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} does not exist")
-    with open(config_path) as file:
-        config = json.load(file)
-    known = _methods()
-    if config.get("peft_type") not in known:
-        raise ValueError(f"{config_path}: peft_type={config.get('peft_type')!r}; only "
-                         f"{' and '.join(map(repr, known))} adapters import here")
-    for key in ("rank_dropout", "module_dropout"):
-        if config.get(key, 0.0):
-            raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported (only 0.0)")
-    return config, weights_path, safetensors.numpy.load_file(weights_path), \
-        known[config["peft_type"]]
-
-
 def import_lycoris_peft(directory: str, model, params) -> tuple[Lycoris, dict]:
     """``(LoHa or LoKr method, params with factors)`` from a PEFT LoHa / LoKr adapter for
     ``model``, the kind read off ``peft_type``. ``params`` are the base weights (factors already
     in them are replaced); ``modules_to_save`` weights replace theirs and train
     (``also_train``). A tensor that does not fit the model is a one-line error naming it."""
-    config, weights_path, tensors, cls = _read_adapter(directory)
-    fmt = hf.FORMATS[model.family]
-    every_factor = {name for known in _methods().values() for name in known.factor_names}
+    known = _methods()
+    adapter = peft_format.read_adapter(directory, tuple(known),
+                                       {"rank_dropout": 0.0, "module_dropout": 0.0})
+    config, weights_path = adapter.config, adapter.weights_path
+    cls = known[config["peft_type"]]
+    every_factor = {name for kind in known.values() for name in kind.factor_names}
     flat = {p: v for p, v in tree.flatten(params).items() if sites.leaf(p) not in every_factor}
     tree.check_same_structure(model.param_shapes(), tree.unflatten(flat))
-
-    names = {}
-    for key in tensors:
-        if not key.startswith(KEY_PREFIX):
-            raise ValueError(f"{weights_path}: tensor {key!r} does not start with {KEY_PREFIX!r}")
-        names[key] = key[len(KEY_PREFIX):]
-    prefix = fmt.prefix if any(n.startswith(fmt.prefix) for n in names.values()) else ""
-    by_tensor = {}
-    for path in flat:
-        name, layout = fmt.hf_name(path, prefix)
-        by_tensor[name] = (path, layout)
-    by_module = {name[: -len(".weight")]: path for name, (path, _) in by_tensor.items()
-                 if name.endswith(".weight") and sites.leaf(path) == "kernel"}
-
-    factors, saved = {}, {}
-    for key, name in names.items():
-        module, _, leaf = name.rpartition(".")
-        if leaf in cls.factor_names:
-            if module not in by_module:
-                near = ", ".join(tree.closest_paths(module, by_module))
-                raise ValueError(f"{weights_path}: adapter module {module!r} has no "
-                                 f"counterpart in this {model.family} model; closest: {near}")
-            factors.setdefault(by_module[module], (module, {}))[1][leaf] = tensors[key]
-        elif name in by_tensor:
-            saved[name] = tensors[key]
-        else:
-            near = ", ".join(tree.closest_paths(name, by_tensor))
-            raise ValueError(f"{weights_path}: tensor {key!r} has no counterpart in this "
-                             f"{model.family} model; closest: {near}")
-    if not factors:
-        raise ValueError(f"{weights_path}: the adapter holds no {cls.title} factors")
+    found = peft_format.sort_tensors(adapter, model, flat, cls.factor_names,
+                                     holding=f"{cls.title} factors")
 
     ranks, alphas = {}, {}
-    for path, (module, _) in factors.items():
-        ranks[path] = _pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
-        alphas[path] = float(_pattern_value(config.get("alpha_pattern"), module,
-                                            config.get("alpha", 8)))
+    for path, (module, _) in found.adapted.items():
+        ranks[path] = peft_format.pattern_value(config.get("rank_pattern"), module,
+                                                config.get("r", 8))
+        alphas[path] = float(peft_format.pattern_value(config.get("alpha_pattern"), module,
+                                                       config.get("alpha", 8)))
         if isinstance(ranks[path], bool) or not isinstance(ranks[path], int) or ranks[path] < 1:
             raise ValueError(f"{weights_path}: module {module!r} has rank {ranks[path]!r} "
                              f"(r / rank_pattern); ranks are integers >= 1")
-    alpha = _most_common(alphas)
-    method = cls(targets=_rules(ranks), alpha=alpha,
-                 alpha_rules=_rules({p: a for p, a in alphas.items() if a != alpha}),
+    alpha = peft_format.most_common(alphas)
+    method = cls(targets=peft_format.value_rules(ranks), alpha=alpha,
+                 alpha_rules=peft_format.value_rules(
+                     {p: a for p, a in alphas.items() if a != alpha}),
                  init_weights=config.get("init_weights", True),
-                 also_train=tuple(re.escape(by_tensor[name][0]) for name in sorted(saved)),
+                 also_train=peft_format.exact_rules(found.saved),
                  **cls.options_from_peft(config))
     for path, target in method.plan(tree.unflatten(flat)).items():
-        module, parts = factors[path]
+        module, parts = found.adapted[path]
         have = {n: tuple(v.shape) for n, v in parts.items()}
         want = method.factor_shapes(target)
         if have != want:
@@ -445,12 +370,5 @@ def import_lycoris_peft(directory: str, model, params) -> tuple[Lycoris, dict]:
                              f"model's {path} {target.shape} at r={target.rank} needs {want}")
         for name, value in parts.items():
             flat[target.factor(name)] = np.asarray(value, np.float32)
-    for name, value in saved.items():
-        path, layout = by_tensor[name]
-        shape = tuple(flat[path].shape)
-        want = _hf_shape(layout, shape)
-        if tuple(value.shape) != want:
-            raise ValueError(f"{weights_path}: module tensor {name!r} {tuple(value.shape)} does "
-                             f"not fit this model's {path} {shape}, which needs {want}")
-        flat[path] = np.asarray(layout.to_ours(value, shape), np.float32)
+    flat.update(peft_format.load_saved(found.saved, found.names, flat, weights_path))
     return method, jax.tree.map(jnp.asarray, tree.unflatten(flat))

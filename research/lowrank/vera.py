@@ -23,28 +23,25 @@ outputs are its flattened input and output axes in row-major order, torch's ``Li
 
 :func:`export_vera_peft` and :func:`import_vera_peft` read and write PEFT's on-disk format
 (``adapter_config.json`` + ``adapter_model.safetensors``: ``base_model.vera_A``,
-``base_model.vera_B`` and ``base_model.model.M.vera_lambda_{b,d}``, ``save_projection=True``).
+``base_model.vera_B`` and ``base_model.model.M.vera_lambda_{b,d}``, ``save_projection=True``)
+through :mod:`research.peft_format`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
-import re
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 
-from research import files, sites, tree
+from research import peft_format, sites, tree
 from research.lowrank.lora import DEFAULT_INPUT_AXES
 from research.methods import Applied, Method, register, training
-from research.models import hf
+from research.peft_format import KEY_PREFIX
 
 LAMBDA_D, LAMBDA_B = "vera_lambda_d", "vera_lambda_b"
 SHARED = "vera"  # the root of the shared matrices
@@ -53,9 +50,6 @@ VECTOR_PATTERN = rf"(.*/)?({LAMBDA_D}|{LAMBDA_B})"
 # PEFT's default targets for BERT, ViT and Llama: the attention's query and value projections.
 DEFAULT_TARGETS = (r"(.*/)?attn/(query|value)/kernel",)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-KEY_PREFIX = "base_model.model."
 PEFT_A, PEFT_B = "base_model.vera_A", "base_model.vera_B"
 PEFT_TYPE = "VERA"
 
@@ -314,24 +308,6 @@ def fold(params, method: VeRA) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _module(name: str) -> str:
-    return name.rpartition(".")[0]
-
-
-def _hf_shape(layout: hf.Layout, shape: tuple) -> tuple:
-    return tuple(jax.eval_shape(layout.to_hf, jax.ShapeDtypeStruct(shape, np.float32)).shape)
-
-
-def _peft_targets(targets: set, candidates: set) -> list:
-    """PEFT's ``target_modules``: last name components when they select exactly ``targets``
-    among ``candidates`` under PEFT's suffix matching (which also sizes the shared matrices),
-    full module names otherwise."""
-    short = {n.rpartition(".")[2] for n in targets}
-    if {n for n in candidates if n.rpartition(".")[2] in short} == targets:
-        return sorted(short)
-    return sorted(targets)
-
-
 def export_vera_peft(method: VeRA, params, model, directory: str, *,
                      base_model_name_or_path: str | None = None) -> dict:
     """Write ``params``' VeRA vectors, the shared matrices (sliced to the exported targets'
@@ -347,18 +323,14 @@ def export_vera_peft(method: VeRA, params, model, directory: str, *,
                          f"{SHARED_B}")
     base = strip_vera(flat)
     tree.check_same_structure(model.param_shapes(), tree.unflatten(base))
-    fmt = hf.FORMATS[model.family]
-    _, prefixed = fmt.architecture(model.head)
-    prefix = fmt.prefix if prefixed else ""
-    names = {p: fmt.hf_name(p, prefix) for p in base}
+    names = peft_format.hf_names(model, base)
 
     tensors, targets = {}, set()
     for path, target in plan.items():
         name, layout = names[path]
-        if _hf_shape(layout, target.shape) != (target.fan_out, target.fan_in):
-            raise ValueError(f"export_vera_peft: {path} {target.shape} is not a torch Linear "
-                             f"[{target.fan_out}, {target.fan_in}] PEFT can adapt")
-        module = _module(name)
+        peft_format.check_linear("export_vera_peft", path, target.shape, layout,
+                                 target.input_axes)
+        module = peft_format.module_name(name)
         tensors[f"{KEY_PREFIX}{module}.{LAMBDA_D}"] = np.asarray(flat[target.lambda_d],
                                                                  np.float32)
         tensors[f"{KEY_PREFIX}{module}.{LAMBDA_B}"] = np.asarray(
@@ -368,66 +340,23 @@ def export_vera_peft(method: VeRA, params, model, directory: str, *,
     tensors[PEFT_A] = np.asarray(flat[SHARED_A], np.float32)[:in_max].T
     tensors[PEFT_B] = np.asarray(flat[SHARED_B], np.float32)[:, :out_max].T
 
-    # Modules trained beside the adapter travel whole, as PEFT's modules_to_save.
-    also = tree.resolve_rules([(p, True) for p in method.also_train], list(base),
-                              default=False, require_match=False)
-    saved = {_module(names[p][0]) for p, chosen in also.items() if chosen}
-    clash = sorted(saved & targets)
-    if clash:
-        raise ValueError(f"export_vera_peft: module {clash[0]!r} trains whole and carries "
-                         f"VeRA vectors; PEFT cannot hold both")
-    for path, value in base.items():
-        name, layout = names[path]
-        if _module(name) in saved:
-            tensors[KEY_PREFIX + name] = layout.to_hf(np.asarray(value, np.float32))
-
-    candidates = {_module(names[p][0]) for p in base if sites.leaf(p) == "kernel"}
+    saved, saved_tensors = peft_format.modules_to_save(
+        method.also_train, base, names, targets, what="export_vera_peft",
+        carries="VeRA vectors")
+    tensors.update(saved_tensors)
+    candidates = set(peft_format.adaptable_modules(names))
     config = {
         "peft_type": PEFT_TYPE, "task_type": None,
         "base_model_name_or_path": base_model_name_or_path,
-        "r": rank, "target_modules": _peft_targets(targets, candidates),
+        "r": rank, "target_modules": peft_format.target_modules(targets, candidates),
         "projection_prng_key": method.projection_prng_key, "save_projection": True,
         "vera_dropout": float(method.dropout), "d_initial": float(method.d_initial),
-        "fan_in_fan_out": False, "bias": "none", "modules_to_save": sorted(saved) or None,
+        "fan_in_fan_out": False, "bias": "none", "modules_to_save": saved or None,
         "init_weights": True, "layers_to_transform": None, "layers_pattern": None,
         "inference_mode": True, "revision": None,
     }
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-
-    def write_config(path):
-        with open(path, "w") as file:
-            json.dump(config, file, indent=2, sort_keys=True)
-    files.write_atomically(directory, {
-        ADAPTER_WEIGHTS: lambda path: safetensors.numpy.save_file(
-            tensors, path, metadata={"format": "pt"}),
-        ADAPTER_CONFIG: write_config,
-    })
+    peft_format.write_adapter(directory, config, tensors)
     return config
-
-
-def _read_adapter(directory: str) -> tuple[dict, str, dict]:
-    config_path = os.path.join(directory, ADAPTER_CONFIG)
-    weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} does not exist")
-    with open(config_path) as file:
-        config = json.load(file)
-    if config.get("peft_type") != PEFT_TYPE:
-        raise ValueError(f"{config_path}: peft_type={config.get('peft_type')!r}; only "
-                         f"{PEFT_TYPE!r} adapters import here")
-    for key, plain in (("fan_in_fan_out", False), ("bias", "none")):
-        if config.get(key, plain) != plain:
-            raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported "
-                             f"(only {plain!r})")
-    if not config.get("save_projection", True):
-        raise ValueError(f"{config_path}: save_projection=False leaves the shared matrices to "
-                         f"torch's PRNG, which Scion does not replay; save them (True)")
-    return config, weights_path, safetensors.numpy.load_file(weights_path)
-
-
-def _exact(paths) -> tuple:
-    return tuple(re.escape(p) for p in sorted(paths))
 
 
 def import_vera_peft(directory: str, model, params) -> tuple[VeRA, dict]:
@@ -435,13 +364,20 @@ def import_vera_peft(directory: str, model, params) -> tuple[VeRA, dict]:
     for ``model``. ``params`` are the base weights (VeRA leaves already in them are replaced);
     ``modules_to_save`` weights replace theirs and train (``also_train``). An adapter that does
     not fit the model is a one-line error naming the tensor and the shapes."""
-    config, weights_path, tensors = _read_adapter(directory)
+    adapter = peft_format.read_adapter(directory, (PEFT_TYPE,),
+                                       {"fan_in_fan_out": False, "bias": "none"})
+    config, weights_path, tensors = adapter.config, adapter.weights_path, adapter.tensors
+    if not config.get("save_projection", True):
+        raise ValueError(f"{adapter.config_path}: save_projection=False leaves the shared "
+                         f"matrices to torch's PRNG, which Scion does not replay; save them "
+                         f"(True)")
     flat = strip_vera(tree.flatten(params))
     tree.check_same_structure(model.param_shapes(), tree.unflatten(flat))
     missing = [name for name in (PEFT_A, PEFT_B) if name not in tensors]
     if missing:
         raise ValueError(f"{weights_path}: no {missing[0]!r}; the shared matrices must be "
                          f"saved (save_projection=True)")
+    # The shared matrices sit outside base_model.model.: out of the tensors sorted below.
     a_hf, b_hf = tensors.pop(PEFT_A), tensors.pop(PEFT_B)
     rank = config.get("r")
     if a_hf.ndim != 2 or b_hf.ndim != 2 or a_hf.shape[0] != b_hf.shape[1]:
@@ -449,47 +385,17 @@ def import_vera_peft(directory: str, model, params) -> tuple[VeRA, dict]:
                          f"{tuple(b_hf.shape)} are not [r, in_max] and [out_max, r]")
     if a_hf.shape[0] != rank:
         raise ValueError(f"{weights_path}: {PEFT_A} {tuple(a_hf.shape)} has rank "
-                         f"{a_hf.shape[0]}; its {ADAPTER_CONFIG} says r={rank!r}")
+                         f"{a_hf.shape[0]}; its {peft_format.ADAPTER_CONFIG} says r={rank!r}")
+    found = peft_format.sort_tensors(adapter, model, flat, (LAMBDA_D, LAMBDA_B),
+                                     holding=f"{LAMBDA_D} / {LAMBDA_B} vectors")
 
-    fmt = hf.FORMATS[model.family]
-    names = {}
-    for key in tensors:
-        if not key.startswith(KEY_PREFIX):
-            raise ValueError(f"{weights_path}: tensor {key!r} does not start with {KEY_PREFIX!r}")
-        names[key] = key[len(KEY_PREFIX):]
-    prefix = fmt.prefix if any(n.startswith(fmt.prefix) for n in names.values()) else ""
-    by_tensor = {}
-    for path in flat:
-        name, layout = fmt.hf_name(path, prefix)
-        by_tensor[name] = (path, layout)
-    by_module = {name[: -len(".weight")]: path for name, (path, _) in by_tensor.items()
-                 if name.endswith(".weight") and sites.leaf(path) == "kernel"}
-
-    vectors, saved = {}, {}
-    for key, name in names.items():
-        module, _, leaf = name.rpartition(".")
-        if leaf in (LAMBDA_D, LAMBDA_B):
-            if module not in by_module:
-                near = ", ".join(tree.closest_paths(module, by_module))
-                raise ValueError(f"{weights_path}: adapter module {module!r} has no "
-                                 f"counterpart in this {model.family} model; closest: {near}")
-            vectors.setdefault(by_module[module], {})[leaf] = (key, tensors[key])
-        elif name in by_tensor:
-            saved[name] = tensors[key]
-        else:
-            near = ", ".join(tree.closest_paths(name, by_tensor))
-            raise ValueError(f"{weights_path}: tensor {key!r} has no counterpart in this "
-                             f"{model.family} model; closest: {near}")
-    if not vectors:
-        raise ValueError(f"{weights_path}: the adapter holds no {LAMBDA_D} / {LAMBDA_B} vectors")
-
-    method = VeRA(targets=_exact(vectors), rank=int(rank),
+    method = VeRA(targets=peft_format.exact_rules(found.adapted), rank=int(rank),
                   d_initial=float(config.get("d_initial", 0.1)),
                   dropout=float(config.get("vera_dropout", 0.0) or 0.0),
                   projection_prng_key=int(config.get("projection_prng_key", 0)),
-                  also_train=tuple(re.escape(by_tensor[name][0]) for name in sorted(saved)))
+                  also_train=peft_format.exact_rules(found.saved))
     for path, target in method.plan(tree.unflatten(flat)).items():
-        parts = vectors[path]
+        module, parts = found.adapted[path]
         if set(parts) != {LAMBDA_D, LAMBDA_B}:
             raise ValueError(f"{weights_path}: {path} has {sorted(parts)}; VeRA needs both "
                              f"{LAMBDA_D} and {LAMBDA_B}")
@@ -500,21 +406,14 @@ def import_vera_peft(directory: str, model, params) -> tuple[VeRA, dict]:
                              f"has {target.fan_in} and {target.fan_out}")
         for leaf, want, ours in ((LAMBDA_D, (rank,), (rank,)),
                                  (LAMBDA_B, (target.fan_out,), target.out_shape)):
-            key, value = parts[leaf]
+            value = parts[leaf]
             if tuple(value.shape) != want:
-                raise ValueError(f"{weights_path}: {key} {tuple(value.shape)} does not fit "
-                                 f"this model's {path} {target.shape} at rank {rank}, which "
-                                 f"needs {want}")
+                raise ValueError(f"{weights_path}: {KEY_PREFIX}{module}.{leaf} "
+                                 f"{tuple(value.shape)} does not fit this model's {path} "
+                                 f"{target.shape} at rank {rank}, which needs {want}")
             flat[sites.join(sites.parent(path), leaf)] = np.asarray(value, np.float32).reshape(
                 ours)
     flat[SHARED_A] = np.asarray(a_hf, np.float32).T
     flat[SHARED_B] = np.asarray(b_hf, np.float32).T
-    for name, value in saved.items():
-        path, layout = by_tensor[name]
-        shape = tuple(flat[path].shape)
-        want = _hf_shape(layout, shape)
-        if tuple(value.shape) != want:
-            raise ValueError(f"{weights_path}: module tensor {name!r} {tuple(value.shape)} does "
-                             f"not fit this model's {path} {shape}, which needs {want}")
-        flat[path] = np.asarray(layout.to_ours(value, shape), np.float32)
+    flat.update(peft_format.load_saved(found.saved, found.names, flat, weights_path))
     return method, jax.tree.map(jnp.asarray, tree.unflatten(flat))

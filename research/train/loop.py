@@ -84,6 +84,7 @@ class Setup:
 
 
 FROZEN_DTYPES = ("compute", "float32")
+METHOD_STATE = "method_state"  # the train state's key for a method's running state, if any
 
 
 def frozen_dtypes(config, model, frozen_shapes: dict) -> dict:
@@ -180,6 +181,14 @@ def make_setup(config, model, total_steps: int, devices=None) -> Setup:
         "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
         "trainable": train_shapes, "frozen": frozen_shapes, "opt_state": opt_shapes,
     }
+    # A method's running state (AdaLoRA's importance averages): its leaves that mirror a
+    # trainable leaf live where it lives, as the optimizer's do. An empty one adds no key, so
+    # every other method's state (and checkpoint) is as it was.
+    method_shapes = jax.eval_shape(method.init_state, train_shapes)
+    if method_shapes:
+        state_shapes[METHOD_STATE] = method_shapes
+        state_shardings[METHOD_STATE] = _opt_state_shardings(method_shapes, train_shapes,
+                                                              train_shardings, mesh)
     abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         state_shapes, state_shardings)
@@ -340,6 +349,9 @@ def init_state(config, setup: Setup) -> dict:
     opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(trainable)
     state = {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng),
              "trainable": trainable, "frozen": frozen, "opt_state": opt_state}
+    if METHOD_STATE in setup.state_shardings:
+        state[METHOD_STATE] = jax.jit(setup.method.init_state,
+                                      out_shardings=setup.state_shardings[METHOD_STATE])(trainable)
     # Committed to the step's own shardings, so the first step compiles once, not twice.
     return jax.device_put(state, setup.state_shardings)
 
@@ -383,9 +395,11 @@ def step_key(key, impl: str):
 
 
 def make_train_step(setup: Setup, grad_accum: int = 1, rng_impl: str = "unsafe_rbg"):
-    """One jitted update step with the state donated. With ``grad_accum > 1`` the batch is cut
-    into interleaved micro-batches (so each device keeps its share of every one) and the
-    gradients are summed in a scan. ``rng_impl``: see :func:`step_key`."""
+    """One jitted update step with the state donated; after the optimizer's update the
+    method's ``after_update`` sees the step's gradients (AdaLoRA reallocates its ranks). With
+    ``grad_accum > 1`` the batch is cut into interleaved micro-batches (so each device keeps its
+    share of every one) and the gradients are summed in a scan. ``rng_impl``: see
+    :func:`step_key`."""
 
     def loss_fn(trainable, frozen, batch, rng):
         sums, applied = _forward_sums(setup, trainable, frozen, batch, rng, training=True)
@@ -425,14 +439,19 @@ def make_train_step(setup: Setup, grad_accum: int = 1, rng_impl: str = "unsafe_r
         # A cond, not a where over the trees: no second copy of params and optimizer state.
         finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
 
-        def update(trainable, opt_state):
+        def update(trainable, opt_state, method_state):
             updates, opt_state = setup.tx.update(grads, opt_state, trainable)
-            return optax.apply_updates(trainable, updates), opt_state
+            trainable, method_state = setup.method.after_update(
+                method_state, optax.apply_updates(trainable, updates), grads, state["step"])
+            return trainable, opt_state, method_state
 
-        trainable, opt_state = jax.lax.cond(finite, update, lambda *unchanged: unchanged,
-                                            state["trainable"], state["opt_state"])
+        trainable, opt_state, method_state = jax.lax.cond(
+            finite, update, lambda *unchanged: unchanged,
+            state["trainable"], state["opt_state"], state.get(METHOD_STATE, {}))
         new_state = {**state, "step": state["step"] + 1, "opt_state": opt_state,
                      "trainable": trainable}
+        if method_state:
+            new_state[METHOD_STATE] = method_state
         metrics = jax.tree.map(lambda x: jnp.where(finite, x, 0.0),
                                {**sums, "grad_norm": grad_norm})
         return new_state, {**metrics, "nonfinite": 1 - finite.astype(jnp.int32)}
