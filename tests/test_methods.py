@@ -29,7 +29,10 @@ KEPT = {"dept": {"embeddings/prompt"}, "prompt_tuning": {"embeddings/prompt"},
                      for part in ("down", "up") for leaf in ("kernel", "bias")},
         "diffscaler": {f"encoder/layer_{i}/{site}/diffscaler/{part}" for i in (0, 1)
                        for site in ("attn/query", "attn/key", "attn/value", "attn/out",
-                                    "mlp/wi", "mlp/wo") for part in ("down", "up")}}
+                                    "mlp/wi", "mlp/wo") for part in ("down", "up")},
+        "panda": {"embeddings/prompt"}}
+# One task's export of a multi-task method is its plain adapters plus that task's head.
+KEPT["polyhistor"] = KEPT["shared_adapter"] = KEPT["houlsby"]
 
 
 def _model():
@@ -66,6 +69,12 @@ def _options(name: str, tmp_path) -> dict:
         "p_tuning": dict(num_virtual_tokens=3, encoder_hidden_size=8),
         "prefix_tuning": dict(num_virtual_tokens=3),
         "houlsby": {}, "pfeiffer": {}, "ssf": {}, "diffscaler": {},
+        "polyhistor": dict(tasks=("a", "b"), template=(8, 1)),
+        "shared_adapter": dict(tasks=("a", "b")),
+        # The seam test's checkpoint reader gives a tree without a prompt: PANDA's teacher
+        # prompt comes as leaves.
+        "panda": dict(source="source_run", num_virtual_tokens=3,
+                      source_leaves={"embeddings/prompt": np.full((3, 32), 0.1, np.float32)}),
         "adalora": dict(targets=(r"encoder/.*/attn/(query|value)/kernel",), init_r=4, target_r=2,
                         total_step=10),
         "multi_lora": dict(adapters=("a", "b"), lora=dict(targets=KERNELS)),
@@ -101,8 +110,11 @@ def test_every_registered_method_exports_the_function_it_trains(tmp_path):
         if name in KEPT:  # leaves that cannot fold into the model stay beside it
             assert extra == KEPT[name], (name, sorted(extra))
             if name != "dept":  # DePT's export folds its low-rank part, keeping the prompt
-                # P-tuning's export is its encoder's output: a plain prompt.
-                runner = method.as_prompt_tuning() if name == "p_tuning" else method
+                # P-tuning's export is its encoder's output, a plain prompt; a multi-task
+                # method's is one task's plain adapters.
+                runner = (method.as_prompt_tuning() if name == "p_tuning" else
+                          method.as_adapters() if name in ("polyhistor", "shared_adapter")
+                          else method)
                 kept = runner.apply(model.module, {"params": exported}, *inputs).outputs
                 np.testing.assert_allclose(kept, outputs, atol=2e-4, err_msg=name)
             continue
