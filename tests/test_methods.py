@@ -30,7 +30,13 @@ KEPT = {"dept": {"embeddings/prompt"}, "prompt_tuning": {"embeddings/prompt"},
         "diffscaler": {f"encoder/layer_{i}/{site}/diffscaler/{part}" for i in (0, 1)
                        for site in ("attn/query", "attn/key", "attn/value", "attn/out",
                                     "mlp/wi", "mlp/wo") for part in ("down", "up")},
-        "panda": {"embeddings/prompt"}}
+        "panda": {"embeddings/prompt"},
+        "iapt": {f"iapt/layer_{i}/{leaf}" for i in (0, 1) for leaf in (
+            "down/kernel", "down/bias", "queries", "rational/numerator", "rational/denominator",
+            "up/kernel", "up/bias")},
+        "pet": {f"mlm/{leaf}" for leaf in ("transform/kernel", "transform/bias",
+                                           "transform_norm/scale", "transform_norm/bias",
+                                           "bias")}}
 # One task's export of a multi-task method is its plain adapters plus that task's head.
 KEPT["polyhistor"] = KEPT["shared_adapter"] = KEPT["houlsby"]
 
@@ -54,6 +60,11 @@ def _options(name: str, tmp_path) -> dict:
         path = str(tmp_path / "mask.safetensors")
         delta_lib.save(delta_lib.from_mask(tree.unflatten(mask), model.param_shapes()), path)
         return dict(mask=path)
+    if name == "pet":  # a vocabulary that fits the tiny model, one verbaliser word a class
+        path = tmp_path / "vocab.txt"
+        path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "it", "was", ".",
+                                   "bad", "fine", "great"] + [f"w{i}" for i in range(89)]) + "\n")
+        return dict(verbalizer=("bad", "fine", "great"), vocab=str(path))
     if name == "graft":
         os.makedirs(tmp_path / "finetuned" / "checkpoints", exist_ok=True)
         return dict(finetuned=str(tmp_path / "finetuned"), density=0.05)
@@ -69,6 +80,7 @@ def _options(name: str, tmp_path) -> dict:
         "p_tuning": dict(num_virtual_tokens=3, encoder_hidden_size=8),
         "prefix_tuning": dict(num_virtual_tokens=3),
         "houlsby": {}, "pfeiffer": {}, "ssf": {}, "diffscaler": {},
+        "iapt": dict(num_virtual_tokens=3, bottleneck=4),
         "polyhistor": dict(tasks=("a", "b"), template=(8, 1)),
         "shared_adapter": dict(tasks=("a", "b")),
         # The seam test's checkpoint reader gives a tree without a prompt: PANDA's teacher
