@@ -77,6 +77,9 @@ def _tuners() -> dict:
         "pfeiffer_rf16": (dict(name="pfeiffer", reduction_factor=16, also_train=HEAD), None),
         "ssf": (dict(name="ssf", also_train=HEAD), None),
         "diffscaler_r8": (dict(name="diffscaler", rank=8, also_train=HEAD), None),
+        "side_tuning_w64": (dict(name="side_tuning", width=64, heads=4, also_train=HEAD), None),
+        "vqt_q1": (dict(name="vqt", num_queries=1, also_train=HEAD), None),
+        "levi_w64": (dict(name="levi", width=64, heads=4, also_train=HEAD), None),
         "ln_tuning": (dict(name="ln_tuning", also_train=(r"pooler/.*",)),
                       lambda peft: peft.LNTuningConfig(
                           target_modules=[r"LayerNorm"], modules_to_save=PEFT_HEAD)),

@@ -108,6 +108,26 @@ def resolve_rules(rules: Rules, paths: Iterable[str], *, default: Any = None,
     return resolved
 
 
+def rule_tuples(rules) -> tuple:
+    """``rules`` as a tuple of tuples (a config gives lists, which are not hashable)."""
+    return tuple(tuple(rule) if isinstance(rule, list) else rule for rule in (rules or ()))
+
+
+def choice_rules(rules, what: str) -> tuple:
+    """``(regex, chosen)`` rules from such rules or bare regexes (each choosing its matches),
+    as a method's ``targets`` take them: an exclusion ``(regex, False)`` may precede a broad
+    regex. Anything else is a one-line error naming ``what``."""
+    out = []
+    for rule in rules or ():
+        if isinstance(rule, str):
+            out.append((rule, True))
+        elif isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str):
+            out.append((rule[0], bool(rule[1])))
+        else:
+            raise ValueError(f"{what} {rule!r} is neither a regex nor a (regex, bool) rule")
+    return tuple(out)
+
+
 def tree_from_rules(rules: Rules, tree: Tree, *, default: Any = None, what: str = "rule",
                     require_match: bool = True) -> dict[str, Any]:
     """A tree of per-leaf values chosen by ``rules`` over the leaves' path names."""

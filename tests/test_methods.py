@@ -39,6 +39,20 @@ KEPT = {"dept": {"embeddings/prompt"}, "prompt_tuning": {"embeddings/prompt"},
                                            "bias")}}
 # One task's export of a multi-task method is its plain adapters plus that task's head.
 KEPT["polyhistor"] = KEPT["shared_adapter"] = KEPT["houlsby"]
+# The narrow blocks of the side networks (side-tuning, LEVI), one per tapped layer.
+SIDE_BLOCKS = {f"layer_{i}/{module}/{leaf}" for i in (0, 1)
+               for module, weight in (("attn/query", "kernel"), ("attn/key", "kernel"),
+                                      ("attn/value", "kernel"), ("attn/out", "kernel"),
+                                      ("mlp/wi", "kernel"), ("mlp/wo", "kernel"),
+                                      ("attn_norm", "scale"), ("mlp_norm", "scale"))
+               for leaf in (weight, "bias")}
+KEPT["side_tuning"] = {f"side_tuning/{p}" for p in SIDE_BLOCKS | {
+    f"{m}/{leaf}" for m in ("down_0", "down_1", "up") for leaf in ("kernel", "bias")} | {
+    "norm/scale", "norm/bias"}}
+KEPT["vqt"] = {"vqt/queries", "vqt/head/kernel"}
+KEPT["levi"] = {f"levi/{p}" for p in SIDE_BLOCKS | {
+    f"{m}/{leaf}" for m in ("embed", "adapt_0", "adapt_1") for leaf in ("kernel", "bias")} | {
+    "mix"}}
 
 
 def _model():
@@ -81,6 +95,8 @@ def _options(name: str, tmp_path) -> dict:
         "prefix_tuning": dict(num_virtual_tokens=3),
         "houlsby": {}, "pfeiffer": {}, "ssf": {}, "diffscaler": {},
         "iapt": dict(num_virtual_tokens=3, bottleneck=4),
+        "side_tuning": dict(width=8, heads=2), "vqt": dict(num_queries=2),
+        "levi": dict(width=8, heads=2),
         "polyhistor": dict(tasks=("a", "b"), template=(8, 1)),
         "shared_adapter": dict(tasks=("a", "b")),
         # The seam test's checkpoint reader gives a tree without a prompt: PANDA's teacher

@@ -59,18 +59,6 @@ class Target:
         return self.shape[:self.input_axes] if self.feedforward else self.shape[self.input_axes:]
 
 
-def _rules(rules, what: str) -> tuple:
-    """``(regex, chosen)`` rules from rules or bare regexes (lists from a config allowed)."""
-    out = []
-    for rule in rules or ():
-        if isinstance(rule, str):
-            out.append((rule, True))
-        elif isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str):
-            out.append((rule[0], bool(rule[1])))
-        else:
-            raise ValueError(f"IA3 {what} {rule!r} is neither a regex nor a (regex, bool) rule")
-    return tuple(out)
-
 
 def strip_vectors(flat: dict) -> dict:
     return {p: v for p, v in flat.items() if sites.leaf(p) != L}
@@ -100,9 +88,10 @@ class IA3(Method):
 
     def __post_init__(self):
         set_ = object.__setattr__
-        set_(self, "targets", _rules(self.targets, "target"))
+        set_(self, "targets", tree.choice_rules(self.targets, "IA3 target"))
         if self.feedforward is not None:
-            set_(self, "feedforward", _rules(self.feedforward, "feedforward rule"))
+            set_(self, "feedforward",
+                 tree.choice_rules(self.feedforward, "IA3 feedforward rule"))
         set_(self, "also_train", tuple(self.also_train or ()))
         set_(self, "input_axes", tuple(tuple(r) if isinstance(r, list) else r
                                        for r in self.input_axes or ()))
@@ -119,7 +108,7 @@ class IA3(Method):
         chosen = tree.resolve_rules(self.targets, kernels, default=False, what="IA3 target rule")
         chosen = [p for p in kernels if chosen[p]]
         if self.feedforward is None:  # the default rule may well match none of the targets
-            rules, strict = _rules(DEFAULT_FEEDFORWARD, "feedforward rule"), False
+            rules, strict = tree.choice_rules(DEFAULT_FEEDFORWARD, "IA3 feedforward rule"), False
         else:
             rules, strict = self.feedforward, True
         feedforward = tree.resolve_rules(rules, chosen, default=False, require_match=False)

@@ -36,18 +36,11 @@ DEFAULT_TARGETS = (r"(.*/)?layer_\d+/(attn/(query|key|value|out)|mlp/(wi|wo))",
 
 
 def parse_rules(rules, what: str) -> tuple:
-    """``(regex, chosen)`` rules from rules or bare regexes (lists from a config allowed)."""
-    out = []
-    for rule in rules or ():
-        if isinstance(rule, str):
-            out.append((rule, True))
-        elif isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str):
-            out.append((rule[0], bool(rule[1])))
-        else:
-            raise ValueError(f"{what} {rule!r} is neither a regex nor a (regex, bool) rule")
+    """``tree.choice_rules``, and at least one of them."""
+    out = tree.choice_rules(rules, what)
     if not out:
         raise ValueError(f"{what}s are empty: give regexes over module paths")
-    return tuple(out)
+    return out
 
 
 def choose_modules(rules: tuple, modules: list[str], what: str) -> list[str]:

@@ -83,19 +83,6 @@ class Target:
         return {A: (*self.shape[:n_in], rank), E: (rank,), B: (rank, *self.shape[n_in:])}
 
 
-def _rules(rules) -> tuple:
-    """``(regex, chosen)`` rules from rules or bare regexes (lists from a config allowed)."""
-    out = []
-    for rule in rules or ():
-        if isinstance(rule, str):
-            out.append((rule, True))
-        elif isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str):
-            out.append((rule[0], bool(rule[1])))
-        else:
-            raise ValueError(f"AdaLoRA target {rule!r} is neither a regex nor a (regex, bool) "
-                             f"rule")
-    return tuple(out)
-
 
 def strip_leaves(flat: dict) -> dict:
     return {p: v for p, v in flat.items() if sites.leaf(p) not in (A, E, B)}
@@ -149,7 +136,7 @@ class AdaLoRA(Method):
 
     def __post_init__(self):
         set_ = object.__setattr__
-        set_(self, "targets", _rules(self.targets))
+        set_(self, "targets", tree.choice_rules(self.targets, "AdaLoRA target"))
         set_(self, "also_train", tuple(self.also_train or ()))
         set_(self, "input_axes", tuple(tuple(r) if isinstance(r, list) else r
                                        for r in self.input_axes or ()))

@@ -112,9 +112,6 @@ class Target:
     shape: tuple
 
 
-def _tuples(rules) -> tuple:
-    return tuple(tuple(rule) if isinstance(rule, list) else rule for rule in (rules or ()))
-
 
 @register("lora")
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +153,7 @@ class LoRA(Method):
     def __post_init__(self):
         set_ = object.__setattr__
         for name in ("targets", "alpha_rules", "input_axes"):
-            set_(self, name, _tuples(getattr(self, name)))
+            set_(self, name, tree.rule_tuples(getattr(self, name)))
         set_(self, "also_train", tuple(self.also_train or ()))
         if not self.targets:
             raise ValueError("LoRA needs targets: (regex, rank) rules over kernel paths")

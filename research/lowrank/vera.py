@@ -82,19 +82,6 @@ class Target:
         return sites.join(sites.parent(self.path), LAMBDA_B)
 
 
-def _rules(rules) -> tuple:
-    """``(regex, chosen)`` rules from rules or bare regexes (lists from a config allowed)."""
-    out = []
-    for rule in rules or ():
-        if isinstance(rule, str):
-            out.append((rule, True))
-        elif isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str):
-            out.append((rule[0], bool(rule[1])))
-        else:
-            raise ValueError(f"config.method.targets: VeRA target {rule!r} is neither a regex "
-                             f"nor a (regex, bool) rule")
-    return tuple(out)
-
 
 def strip_vera(flat: dict) -> dict:
     """``flat`` without VeRA's leaves (vectors and shared matrices)."""
@@ -154,7 +141,8 @@ class VeRA(Method):
 
     def __post_init__(self):
         set_ = object.__setattr__
-        set_(self, "targets", _rules(self.targets))
+        set_(self, "targets",
+             tree.choice_rules(self.targets, "config.method.targets: VeRA target"))
         set_(self, "also_train", tuple(self.also_train or ()))
         set_(self, "input_axes", tuple(tuple(r) if isinstance(r, list) else r
                                        for r in self.input_axes or ()))

@@ -65,9 +65,6 @@ def _chosen(rules, flat: dict, what: str) -> list[str]:
     return [path for path, value in values.items() if value]
 
 
-def _rules(rules) -> tuple:
-    return tuple(tuple(rule) if isinstance(rule, list) else rule for rule in (rules or ()))
-
 
 def _mirror_axes(logical: dict, shapes: dict, prefixes) -> dict:
     """A method leaf ``prefix/p`` is laid out like the model leaf ``p``."""
@@ -115,7 +112,7 @@ class Graft(Method):
 
     def __post_init__(self):
         set_ = object.__setattr__
-        set_(self, "graft", _rules(self.graft))
+        set_(self, "graft", tree.rule_tuples(self.graft))
         set_(self, "head", tuple(self.head or ()))
         if not self.finetuned or not isinstance(self.finetuned, str):
             raise ValueError("Graft needs finetuned: the workdir of a finished fine-tuning run")
@@ -304,7 +301,7 @@ class MaskTuning(Method):
 
     def __post_init__(self):
         set_ = object.__setattr__
-        set_(self, "masked", _rules(self.masked))
+        set_(self, "masked", tree.rule_tuples(self.masked))
         set_(self, "also_train", tuple(self.also_train or ()))
         if not self.init_score > self.threshold:
             raise ValueError(f"MaskTuning init_score={self.init_score!r} must exceed "
