@@ -50,8 +50,12 @@ def test_scanned_stack_equals_the_unrolled_one_for_every_remat_policy(name):
         out, grads = loss_and_grads(model)
         np.testing.assert_allclose(out, want_out, atol=1e-5, rtol=1e-5)
         for path, grad in tree.flatten(grads).items():
-            np.testing.assert_allclose(grad, tree.flatten(want_grads)[path], atol=1e-5,
-                                       rtol=1e-4, err_msg=f"{name} remat={remat} {path}")
+            want = tree.flatten(want_grads)[path]
+            # Float32 summation order differs between the two programs; a leaf summing many
+            # terms (the embedding's gradient) then differs by a few ulps of its largest entry.
+            atol = max(1e-5, 1e-6 * float(np.abs(want).max()))
+            np.testing.assert_allclose(grad, want, atol=atol, rtol=1e-4,
+                                       err_msg=f"{name} remat={remat} {path}")
 
 
 def _dot_count(model, inputs):
