@@ -51,7 +51,7 @@ import jax.numpy as jnp
 
 from research import sites, tree
 from research.adapters import shared
-from research.adapters.bottleneck import ATTENTION_SITES, MLP_SITES, Bottleneck
+from research.adapters.bottleneck import ATTENTION_SITES, MLP_SITES
 from research.lowrank.lora import DEFAULT_INPUT_AXES
 from research.methods import Applied, Method, register
 
@@ -104,7 +104,7 @@ def scaled_adapter(templates: dict, kernels: dict) -> dict:
 
 @register("polyhistor")
 @dataclasses.dataclass(frozen=True)
-class Polyhistor(Method):
+class Polyhistor(shared.PerTask, Method):
     """Polyhistor options (``config.method = dict(name='polyhistor', tasks=(...), ...)``).
 
     tasks: the task names (``launch/multitask.py`` reads them as data names); task: the one a
@@ -157,21 +157,6 @@ class Polyhistor(Method):
         if self.trainable is None:
             set_(self, "trainable", (OWN_PATTERN, *shared.head_patterns(self.head),
                                      *self.also_train))
-
-    @property
-    def index(self) -> int:
-        return self.tasks.index(self.task)
-
-    def for_task(self, task: str) -> Polyhistor:
-        """This method running ``task``'s adapters and head."""
-        return dataclasses.replace(self, task=task)
-
-    def as_adapters(self) -> Bottleneck:
-        """The plain adapter method that runs :meth:`export`'s params."""
-        return Bottleneck(targets=self.targets, reduction_factor=self.reduction_factor,
-                          bottleneck=self.bottleneck, nonlinearity=self.nonlinearity,
-                          init_scale=self.init_scale, also_train=self.also_train,
-                          input_axes=self.input_axes)
 
     def plan(self, params) -> dict[str, tuple[int, int]]:
         """``{site path: (d, m)}``; a template that does not divide a site is a one-line error."""

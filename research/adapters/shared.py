@@ -105,9 +105,30 @@ def with_task_head(flat: dict, head: str | None, index: int) -> dict:
     return out
 
 
+class PerTask:
+    """What a multi-task adapter method (this one, Polyhistor) adds to its adapter options
+    (Bottleneck's, and ``tasks``, ``task``): ``task`` picks the head (and embedding) a call
+    uses, and one task's export runs as plain Houlsby adapters."""
+
+    @property
+    def index(self) -> int:
+        return self.tasks.index(self.task)
+
+    def for_task(self, task: str):
+        """This method running ``task``'s adapters and head."""
+        return dataclasses.replace(self, task=task)
+
+    def as_adapters(self) -> Bottleneck:
+        """The plain adapter method that runs :meth:`export`'s params."""
+        return Bottleneck(targets=self.targets, reduction_factor=self.reduction_factor,
+                          bottleneck=self.bottleneck, nonlinearity=self.nonlinearity,
+                          init_scale=self.init_scale, also_train=self.also_train,
+                          input_axes=self.input_axes)
+
+
 @register("shared_adapter")
 @dataclasses.dataclass(frozen=True)
-class SharedAdapter(Houlsby):
+class SharedAdapter(PerTask, Houlsby):
     """Shared-adapter options (``config.method = dict(name='shared_adapter', ...)``): Houlsby's
     (targets, reduction_factor, bottleneck, nonlinearity, init_scale, also_train, input_axes),
     plus
@@ -132,21 +153,6 @@ class SharedAdapter(Houlsby):
         object.__setattr__(self, "task", task)
         if given is None:
             object.__setattr__(self, "trainable", (*self.trainable, *head_patterns(self.head)))
-
-    @property
-    def index(self) -> int:
-        return self.tasks.index(self.task)
-
-    def for_task(self, task: str) -> SharedAdapter:
-        """This method running ``task``'s head."""
-        return dataclasses.replace(self, task=task)
-
-    def as_adapters(self) -> Bottleneck:
-        """The plain adapter method that runs :meth:`export`'s params."""
-        return Bottleneck(targets=self.targets, reduction_factor=self.reduction_factor,
-                          bottleneck=self.bottleneck, nonlinearity=self.nonlinearity,
-                          init_scale=self.init_scale, also_train=self.also_train,
-                          input_axes=self.input_axes)
 
     def init(self, rng, params: dict, stats=None) -> dict:
         """Houlsby's adapters, and one copy of the model's head per task."""
