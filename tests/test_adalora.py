@@ -5,7 +5,6 @@ on the same params and gradients, and its budget PEFT's schedule; under the loop
 method's leaves train and the nonzero singular values follow the budget; PEFT adapters match
 ``peft`` in PyTorch both ways (rank patterns included); bad input is a one-line error."""
 
-import functools
 import json
 import os
 import types
@@ -23,24 +22,16 @@ from research.lowrank import adalora as adalora_lib  # noqa: E402
 from research.lowrank.adalora import AdaLoRA  # noqa: E402
 from research.models import hf  # noqa: E402
 from research.train import checkpoint, loop, optim  # noqa: E402
+from tests.tiny_bert import (  # noqa: E402
+    tiny_model, random_params, token_batch, forward, gap, one_line, random_batch,
+    save_torch_base, torch_bert_outputs
+)
 
-TINY = dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, vocab_size=100,
-            max_length=32, hidden_dropout=0.0, attention_dropout=0.0)
 # Multi-axis outputs (query, value), a multi-axis input (attn/out), a plain Dense (mlp/wi).
 WIDE = (r"encoder/.*/attn/(query|value|out)/kernel", r"encoder/.*/mlp/wi/kernel")
 PEFT_WIDE = ["query", "value", "attention.output.dense", "intermediate.dense"]
 SCHEDULE = dict(init_r=3, target_r=1, tinit=2, tfinal=3, delta_t=2, total_step=12)
 PEFT_SCHEDULE = dict(init_r=3, target_r=1, tinit=2, tfinal=3, deltaT=2, total_step=12)
-
-
-def tiny_model(head="encoder", **overrides):
-    return models.build(f"bert_tiny_{head}", **{**TINY, **overrides})
-
-
-def random_params(model, seed=0, scale=0.2):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape), jnp.float32),
-                        model.param_shapes())
 
 
 def randomize_leaves(params, seed=1):
@@ -55,29 +46,6 @@ def randomize_leaves(params, seed=1):
             return jnp.asarray(rng.normal(0.0, 0.3, x.shape), jnp.float32)
         return x
     return tree.map_with_path(one, params)
-
-
-def token_batch(rows=3, length=12, vocab=100, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, vocab, (rows, length)).astype(np.int32)
-    mask = np.ones((rows, length), np.int32)
-    mask[1, 8:] = 0
-    return ids, mask, np.zeros_like(ids)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def forward(model, method, params, ids, mask, types_):
-    if method is None:
-        return model.module.apply({"params": params}, ids, mask, types_)
-    return method.apply(model.module, {"params": params}, ids, mask, types_).outputs
-
-
-def gap(a, b) -> float:
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max())
-
-
-def one_line(info) -> None:
-    assert "\n" not in str(info.value)
 
 
 @pytest.fixture(scope="module")
@@ -353,12 +321,7 @@ def test_training_under_the_loop_follows_the_budget(tmp_path):
     assert {p for p in trainable if not p.startswith("classifier/")} == {
         f"encoder/layer_0/{m}/adalora_{x}" for m in ("attn/query", "attn/value", "attn/out",
                                                      "mlp/wo") for x in "aeb"}
-    rng = np.random.default_rng(0)
-    batch = loop.global_batch(setup, {
-        "input_ids": rng.integers(1, 1000, (8, 16)).astype(np.int32),
-        "attention_mask": np.ones((8, 16), np.int32),
-        "token_type_ids": np.zeros((8, 16), np.int32),
-        "label": rng.integers(0, 2, (8,)).astype(np.int32)})
+    batch = random_batch(setup)
     step = loop.make_train_step(setup)
     nonzero = []
     for index in range(7):
@@ -473,23 +436,7 @@ def test_bad_input_is_a_one_line_error(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def torch_side(tmp_path_factory, tiny):
-    import torch
-
-    torch.set_num_threads(2)
-    model, params = tiny
-    base_dir = str(tmp_path_factory.mktemp("peft_adalora") / "base")
-    hf.save_pretrained(model, params, base_dir)
-    return base_dir
-
-
-def _torch_outputs(torch_model, ids, mask, types_):
-    import torch
-
-    with torch.no_grad():
-        out = torch_model(input_ids=torch.tensor(ids, dtype=torch.long),
-                          attention_mask=torch.tensor(mask, dtype=torch.long),
-                          token_type_ids=torch.tensor(types_, dtype=torch.long))
-    return out.last_hidden_state.numpy(), out.pooler_output.numpy()
+    return save_torch_base(tmp_path_factory, *tiny, "peft_adalora")
 
 
 def test_exported_adapter_matches_peft_in_torch(tiny, torch_side, tmp_path):
@@ -523,7 +470,7 @@ def test_exported_adapter_matches_peft_in_torch(tiny, torch_side, tmp_path):
     assert tuple(query.lora_A["default"].shape) == (kept, 32)
     assert float(query.ranknum["default"]) == 4.0  # the scale stays alpha / init_r
     ids, mask, types_ = token_batch()
-    theirs = _torch_outputs(torch_model, ids, mask, types_)
+    theirs = torch_bert_outputs(torch_model, ids, mask, types_)
     ours = forward(model, method, adapted, ids, mask, types_)
     assert gap(ours[0], theirs[0]) < 1e-4 and gap(ours[1], theirs[1]) < 1e-4
 
@@ -569,7 +516,7 @@ def test_peft_created_adapter_imports(tiny, torch_side, tmp_path):
     assert sum(sum(flags) for flags in saved["rank_pattern"].values()) == 2 * 8
     torch_model.eval()
     ids, mask, types_ = token_batch(seed=1)
-    theirs = _torch_outputs(torch_model, ids, mask, types_)
+    theirs = torch_bert_outputs(torch_model, ids, mask, types_)
 
     method, adapted = adalora_lib.import_adalora_peft(str(tmp_path / "adapter"), model, params)
     assert sorted(method.plan(adapted)) == sorted(

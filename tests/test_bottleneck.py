@@ -4,8 +4,6 @@ numpy, which places the adapter inside the residual branch before the norm (an a
 LayerNorm, or around the residual sum, fails them); export keeps the adapters and the method
 still runs them; training moves only the adapters; bad input is a one-line error."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,45 +16,16 @@ from research.adapters.bottleneck import Houlsby, Pfeiffer
 from research.models.attention import make_mask
 from research.models.layers import Block
 from research.train import loop, optim
-
-TINY = dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, vocab_size=100,
-            max_length=32, hidden_dropout=0.0, attention_dropout=0.0)
-
-
-def tiny_model(head="encoder", **overrides):
-    return models.build(f"bert_tiny_{head}", **{**TINY, **overrides})
-
-
-def random_tree(shapes, seed=0, scale=0.2):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape), jnp.float32),
-                        shapes)
-
+from tests.tiny_bert import (
+    tiny_model, random_tree, token_batch, forward, gap, one_line, loop_config, loop_setup,
+    random_batch, assert_only_trainable_moved
+)
 
 def randomize_adapters(params, seed=1, scale=0.3):
     rng = np.random.default_rng(seed)
     return tree.map_with_path(
         lambda p, x: jnp.asarray(rng.normal(0.0, scale, x.shape), jnp.float32)
         if "/adapter/" in p else x, params)
-
-
-def token_batch(rows=3, length=12, vocab=100, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, vocab, (rows, length)).astype(np.int32)
-    mask = np.ones((rows, length), np.int32)
-    mask[1, 8:] = 0
-    return ids, mask, np.zeros_like(ids)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def forward(model, method, params, *inputs):
-    if method is None:
-        return model.module.apply({"params": params}, *inputs)
-    return method.apply(model.module, {"params": params}, *inputs).outputs
-
-
-def gap(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
 
 @pytest.fixture(scope="module")
@@ -222,42 +191,20 @@ def test_export_keeps_the_adapters_which_cannot_fold(tiny):
 
 
 def test_training_under_the_loop_moves_only_the_adapters():
-    from configs import common
-
-    config = common.base_config()
-    config.data.name = "rotten_tomatoes/sentiment"
-    config.model.name = "bert_tiny_classifier"
-    config.model.overrides = dict(num_classes=2, vocab_size=1000, hidden_size=32, num_heads=4,
-                                  mlp_dim=64, num_layers=1, hidden_dropout=0.0,
-                                  attention_dropout=0.0)
-    config.train.batch_size = 8
-    config.optim.learning_rate = 1e-2
-    config.optim.schedule = "constant"
-    config.mesh = dict(data=1)
-    config.method = dict(name="houlsby", reduction_factor=8, also_train=(r"classifier/.*",))
-    setup = loop.make_setup(config, loop.build_model(config), 2, devices=jax.devices()[:1])
-    state = loop.init_state(config, setup)
+    setup, state = loop_setup(loop_config(dict(name="houlsby", reduction_factor=8,
+                                               also_train=(r"classifier/.*",))))
     before = jax.device_get(state)
     trainable = tree.flatten(before["trainable"])
     assert set(trainable) == {f"encoder/layer_0/{site}/adapter/{part}/{leaf}"
                               for site in ("attn/out", "mlp/wo") for part in ("down", "up")
                               for leaf in ("kernel", "bias")} | {"classifier/kernel",
                                                                  "classifier/bias"}
-    rng = np.random.default_rng(0)
-    batch = loop.global_batch(setup, {
-        "input_ids": rng.integers(1, 1000, (8, 16)).astype(np.int32),
-        "attention_mask": np.ones((8, 16), np.int32),
-        "token_type_ids": np.zeros((8, 16), np.int32),
-        "label": rng.integers(0, 2, (8,)).astype(np.int32)})
+    batch = random_batch(setup)
     step = loop.make_train_step(setup)
     # Two steps: with ``up`` at zero the first one moves ``up`` only, the second ``down`` too.
     state, _ = step(state, batch)
     state, _ = step(state, batch)
-    after = jax.device_get(state)
-    for path, value in tree.flatten(before["frozen"]).items():
-        np.testing.assert_array_equal(tree.flatten(after["frozen"])[path], value, err_msg=path)
-    for path, value in trainable.items():
-        assert np.abs(tree.flatten(after["trainable"])[path] - value).max() > 0, path
+    assert_only_trainable_moved(before, jax.device_get(state))
 
 
 def test_config_files_build_houlsby_and_pfeiffer():
@@ -277,10 +224,6 @@ def test_config_files_build_houlsby_and_pfeiffer():
         assert mask["classifier/kernel"] and not mask["encoder/layer_0/mlp/wo/kernel"]
         # Houlsby et al. train the layer norms with the adapters.
         assert mask["encoder/layer_0/mlp_norm/scale"] == (kind is Houlsby)
-
-
-def one_line(info) -> None:
-    assert "\n" not in str(info.value)
 
 
 def test_bad_input_is_a_one_line_error(tiny):

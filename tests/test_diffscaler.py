@@ -4,8 +4,6 @@ b + s·relu(x·D)·U``: the frozen bias is not scaled); export folds the scale a
 plain model exactly (folded equals unfolded without the branch) and keeps the branch;
 training moves only the Affiners; bad input is a one-line error."""
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,6 +15,7 @@ from research.adapters import diffscaler as diffscaler_lib
 from research.adapters.diffscaler import Diffscaler
 from research.models.layers import MultiAxisDense
 from research.train import loop, optim
+from tests.tiny_bert import forward, gap, one_line, assert_only_trainable_moved
 
 KEY = diffscaler_lib.KEY
 
@@ -45,17 +44,6 @@ def randomize_own(params, seed=1):
 
 def images(rows=3, seed=0):
     return np.random.default_rng(seed).uniform(size=(rows, 28, 28, 1)).astype(np.float32)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def forward(model, method, params, *inputs):
-    if method is None:
-        return model.module.apply({"params": params}, *inputs)
-    return method.apply(model.module, {"params": params}, *inputs).outputs
-
-
-def gap(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
 
 @pytest.fixture(scope="module")
@@ -213,11 +201,7 @@ def test_training_under_the_loop_moves_only_the_affiners():
     # Two steps: with ``up`` at zero the first one moves ``up`` only, the second ``down`` too.
     state, _ = step(state, batch)
     state, _ = step(state, batch)
-    after = jax.device_get(state)
-    for path, value in tree.flatten(before["frozen"]).items():
-        np.testing.assert_array_equal(tree.flatten(after["frozen"])[path], value, err_msg=path)
-    for path, value in trainable.items():
-        assert np.abs(tree.flatten(after["trainable"])[path] - value).max() > 0, path
+    assert_only_trainable_moved(before, jax.device_get(state))
 
 
 def test_config_file_builds_a_diffscaler_method():
@@ -230,10 +214,6 @@ def test_config_file_builds_a_diffscaler_method():
     assert vit_mnist5k_diffscaler.get_config().model.init_from == "runs/vit_mnist5k"
     plan = method.plan(models.build(config.model.name).param_shapes())
     assert len(plan) == 6 * 2
-
-
-def one_line(info) -> None:
-    assert "\n" not in str(info.value)
 
 
 def test_bad_input_is_a_one_line_error(vit):

@@ -3,7 +3,6 @@ adapter changes nothing; the adapted forward equals the merged one; merge/unmerg
 the step skips the frozen weight gradients (XLA FLOPs); training under the loop moves only the
 factors; PEFT adapters match ``peft`` in PyTorch both ways; bad input is a one-line error."""
 
-import functools
 import json
 import os
 
@@ -20,24 +19,14 @@ from research import methods, models, peft_format, tree  # noqa: E402
 from research.lowrank import lora as lora_lib  # noqa: E402
 from research.lowrank import peft as peft_lib  # noqa: E402
 from research.lowrank.lora import LoRA  # noqa: E402
-from research.models import hf  # noqa: E402
 from research.train import loop, optim  # noqa: E402
+from tests.tiny_bert import (  # noqa: E402
+    tiny_model, random_params, token_batch, forward, assert_only_trainable_moved,
+    save_torch_base, torch_bert_outputs
+)
 
-TINY = dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, vocab_size=100,
-            max_length=32, hidden_dropout=0.0, attention_dropout=0.0)
 TARGETS = ((r"encoder/.*/attn/(query|out)/kernel", 4), (r"encoder/.*/mlp/wi/kernel", 2),
            (r"embeddings/word/embedding", 3))
-
-
-def tiny_model(head="encoder", **overrides):
-    return models.build(f"bert_tiny_{head}", **{**TINY, **overrides})
-
-
-def random_params(model, seed=0, scale=0.2):
-    """Random float32 params without an XLA compile."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape), jnp.float32),
-                        model.param_shapes())
 
 
 def randomize_factors(params, seed=1, scale=0.3):
@@ -45,22 +34,6 @@ def randomize_factors(params, seed=1, scale=0.3):
     return tree.map_with_path(
         lambda p, x: jnp.asarray(rng.normal(0.0, scale, x.shape), jnp.float32)
         if p.endswith(("lora_a", "lora_b")) else x, params)
-
-
-def token_batch(rows=3, length=12, vocab=100, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, vocab, (rows, length)).astype(np.int32)
-    mask = np.ones((rows, length), np.int32)
-    mask[1, 8:] = 0  # right padding
-    return ids, mask, np.zeros_like(ids)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def forward(model, method, params, ids, mask, types):
-    """The model's outputs, through ``method`` (None: the plain model), compiled."""
-    if method is None:
-        return model.module.apply({"params": params}, ids, mask, types)
-    return method.apply(model.module, {"params": params}, ids, mask, types).outputs
 
 
 @pytest.fixture(scope="module")
@@ -268,11 +241,7 @@ def test_training_under_the_loop_moves_only_the_factors():
     step = loop.make_train_step(setup)
     for index in range(2):
         state, _ = step(state, _batch(setup, 8, 16, seed=index))
-    after = jax.device_get(state)
-    for path, value in tree.flatten(before["frozen"]).items():
-        np.testing.assert_array_equal(tree.flatten(after["frozen"])[path], value, err_msg=path)
-    for path, value in trainable.items():
-        assert np.abs(tree.flatten(after["trainable"])[path] - value).max() > 0, path
+    assert_only_trainable_moved(before, jax.device_get(state))
 
 
 def test_config_file_builds_a_lora_run():
@@ -294,23 +263,7 @@ def test_config_file_builds_a_lora_run():
 
 @pytest.fixture(scope="module")
 def torch_side(tmp_path_factory, tiny):
-    import torch
-
-    torch.set_num_threads(2)
-    model, params = tiny
-    base_dir = str(tmp_path_factory.mktemp("peft") / "base")
-    hf.save_pretrained(model, params, base_dir)
-    return base_dir
-
-
-def _torch_outputs(torch_model, ids, mask, types):
-    import torch
-
-    with torch.no_grad():
-        out = torch_model(input_ids=torch.tensor(ids, dtype=torch.long),
-                          attention_mask=torch.tensor(mask, dtype=torch.long),
-                          token_type_ids=torch.tensor(types, dtype=torch.long))
-    return out.last_hidden_state.numpy(), out.pooler_output.numpy()
+    return save_torch_base(tmp_path_factory, *tiny, "peft")
 
 
 def test_exported_adapter_matches_peft_in_torch(tiny, torch_side, tmp_path):
@@ -335,7 +288,7 @@ def test_exported_adapter_matches_peft_in_torch(tiny, torch_side, tmp_path):
     base = transformers.BertModel.from_pretrained(torch_side)
     torch_model = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     ids, mask, types = token_batch()
-    theirs = _torch_outputs(torch_model, ids, mask, types)
+    theirs = torch_bert_outputs(torch_model, ids, mask, types)
     ours = forward(model, method, adapted, ids, mask, types)
     assert np.abs(np.asarray(ours[0]) - theirs[0]).max() < 1e-4
     assert np.abs(np.asarray(ours[1]) - theirs[1]).max() < 1e-4
@@ -360,7 +313,7 @@ def test_peft_created_adapter_imports(tiny, torch_side, tmp_path):
         init_lora_weights=False)).eval()
     torch_model.save_pretrained(str(tmp_path / "adapter"))
     ids, mask, types = token_batch(seed=1)
-    theirs = _torch_outputs(torch_model, ids, mask, types)
+    theirs = torch_bert_outputs(torch_model, ids, mask, types)
 
     method, adapted = peft_lib.import_peft(str(tmp_path / "adapter"), model, params)
     pairs = lora_lib.factor_pairs(tree.flatten(adapted))

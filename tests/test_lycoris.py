@@ -5,7 +5,6 @@ model; a scanned stack computes the same; training moves only the factors; PEFT 
 ``peft`` in PyTorch both ways; bad input is a one-line error."""
 
 import dataclasses
-import functools
 import json
 import os
 
@@ -21,11 +20,12 @@ from research import methods, models, peft_format, tree  # noqa: E402
 from research.lowrank import lycoris  # noqa: E402
 from research.lowrank.loha import LoHa  # noqa: E402
 from research.lowrank.lokr import LoKr, factorization  # noqa: E402
-from research.models import hf  # noqa: E402
 from research.train import loop, optim  # noqa: E402
+from tests.tiny_bert import (  # noqa: E402
+    tiny_model, random_params, token_batch, forward, gap, one_line, loop_config, loop_setup,
+    random_batch, assert_only_trainable_moved, save_torch_base, torch_bert_outputs
+)
 
-TINY = dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, vocab_size=100,
-            max_length=32, hidden_dropout=0.0, attention_dropout=0.0)
 # Multi-axis inputs (attn/out) and outputs (query, value), Dense both ways, several ranks.
 RULES = ((r"encoder/layer_1/attn/query/kernel", None), (r"encoder/.*/attn/query/kernel", 3),
          (r"encoder/.*/attn/(value|out)/kernel", 2), (r"encoder/.*/mlp/(wi|wo)/kernel", 8))
@@ -39,40 +39,11 @@ METHODS = {
 }
 
 
-def tiny_model(head="encoder", **overrides):
-    return models.build(f"bert_tiny_{head}", **{**TINY, **overrides})
-
-
-def random_params(model, seed=0, scale=0.2):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape), jnp.float32),
-                        model.param_shapes())
-
-
 def randomize_factors(method, params, seed=1, scale=0.3):
     rng = np.random.default_rng(seed)
     return tree.map_with_path(
         lambda p, x: jnp.asarray(rng.normal(0.0, scale, x.shape), jnp.float32)
         if p.rpartition("/")[2] in method.factor_names else x, params)
-
-
-def token_batch(rows=3, length=12, vocab=100, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, vocab, (rows, length)).astype(np.int32)
-    mask = np.ones((rows, length), np.int32)
-    mask[1, 8:] = 0
-    return ids, mask, np.zeros_like(ids)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def forward(model, method, params, ids, mask, types):
-    if method is None:
-        return model.module.apply({"params": params}, ids, mask, types)
-    return method.apply(model.module, {"params": params}, ids, mask, types).outputs
-
-
-def gap(a, b) -> float:
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max())
 
 
 def factors_of(params, method) -> dict:
@@ -243,43 +214,21 @@ def test_a_scanned_stack_computes_the_same(tiny):
 
 @pytest.mark.parametrize("name", ["loha", "lokr"])
 def test_training_under_the_loop_moves_only_the_factors(name):
-    from configs import common
-
-    config = common.base_config()
-    config.data.name = "rotten_tomatoes/sentiment"
-    config.model.name = "bert_tiny_classifier"
-    config.model.overrides = dict(num_classes=2, vocab_size=1000, hidden_size=32, num_heads=4,
-                                  mlp_dim=64, num_layers=1, hidden_dropout=0.0,
-                                  attention_dropout=0.0)
-    config.train.batch_size = 8
-    config.optim.learning_rate = 1e-2
-    config.optim.schedule = "constant"
-    config.mesh = dict(data=1)
-    config.method = dict(name=name, targets=((r"encoder/.*/attn/(query|out)/kernel", 2),),
-                         also_train=(r"classifier/.*",))
-    setup = loop.make_setup(config, loop.build_model(config), 2, devices=jax.devices()[:1])
-    state = loop.init_state(config, setup)
+    setup, state = loop_setup(loop_config(dict(
+        name=name, targets=((r"encoder/.*/attn/(query|out)/kernel", 2),),
+        also_train=(r"classifier/.*",))))
     before = jax.device_get(state)
     trainable = tree.flatten(before["trainable"])
     factors = {p for p in trainable if p.startswith("encoder/")}
     assert set(trainable) == factors | {"classifier/kernel", "classifier/bias"}
     assert {p.rsplit("/", 1)[0] for p in factors} == {"encoder/layer_0/attn/query",
                                                       "encoder/layer_0/attn/out"}
-    rng = np.random.default_rng(0)
-    batch = loop.global_batch(setup, {
-        "input_ids": rng.integers(1, 1000, (8, 16)).astype(np.int32),
-        "attention_mask": np.ones((8, 16), np.int32),
-        "token_type_ids": np.zeros((8, 16), np.int32),
-        "label": rng.integers(0, 2, (8,)).astype(np.int32)})
+    batch = random_batch(setup)
     step = loop.make_train_step(setup)
     # Two steps: at step 0 only the zero factor has a gradient (the others multiply it).
     for _ in range(2):
         state, _ = step(state, batch)
-    after = jax.device_get(state)
-    for path, value in tree.flatten(before["frozen"]).items():
-        np.testing.assert_array_equal(tree.flatten(after["frozen"])[path], value, err_msg=path)
-    for path, value in trainable.items():
-        assert np.abs(tree.flatten(after["trainable"])[path] - value).max() > 0, path
+    assert_only_trainable_moved(before, jax.device_get(state))
 
 
 @pytest.mark.parametrize("name", ["loha", "lokr"])
@@ -296,10 +245,6 @@ def test_config_file_builds_the_method(name):
     trained = sum(int(np.prod(v.shape)) for p, v in added.items()
                   if p.rpartition("/")[2] in method.factor_names)
     assert 0 < trained < 0.05 * tree.count(shapes)
-
-
-def one_line(info) -> None:
-    assert "\n" not in str(info.value)
 
 
 def test_bad_input_is_a_one_line_error(tiny, tmp_path):
@@ -379,23 +324,7 @@ def test_bad_input_is_a_one_line_error(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def torch_side(tmp_path_factory, tiny):
-    import torch
-
-    torch.set_num_threads(2)
-    model, params = tiny
-    base_dir = str(tmp_path_factory.mktemp("peft_lycoris") / "base")
-    hf.save_pretrained(model, params, base_dir)
-    return base_dir
-
-
-def _torch_outputs(torch_model, ids, mask, types):
-    import torch
-
-    with torch.no_grad():
-        out = torch_model(input_ids=torch.tensor(ids, dtype=torch.long),
-                          attention_mask=torch.tensor(mask, dtype=torch.long),
-                          token_type_ids=torch.tensor(types, dtype=torch.long))
-    return out.last_hidden_state.numpy(), out.pooler_output.numpy()
+    return save_torch_base(tmp_path_factory, *tiny, "peft_lycoris")
 
 
 @pytest.mark.parametrize("name", ["loha", "lokr"])
@@ -420,7 +349,7 @@ def test_exported_adapter_matches_peft_in_torch(tiny, torch_side, tmp_path, name
     base = transformers.BertModel.from_pretrained(torch_side)
     torch_model = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     ids, mask, types = token_batch()
-    theirs = _torch_outputs(torch_model, ids, mask, types)
+    theirs = torch_bert_outputs(torch_model, ids, mask, types)
     ours = forward(model, method, adapted, ids, mask, types)
     assert gap(ours[0], theirs[0]) < 1e-4 and gap(ours[1], theirs[1]) < 1e-4
 
@@ -458,7 +387,7 @@ def test_peft_created_adapter_imports(tiny, torch_side, tmp_path, name):
     torch_model = peft.get_peft_model(base, config).eval()
     torch_model.save_pretrained(str(tmp_path / "adapter"))
     ids, mask, types = token_batch(seed=1)
-    theirs = _torch_outputs(torch_model, ids, mask, types)
+    theirs = torch_bert_outputs(torch_model, ids, mask, types)
 
     method, adapted = lycoris.import_lycoris_peft(str(tmp_path / "adapter"), model, params)
     assert type(method) is (LoHa if name == "loha" else LoKr)

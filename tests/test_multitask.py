@@ -10,7 +10,6 @@ on one task moves the shared hyper-network and that task's rows only. Shared ada
 adapter set and two heads; a step on task A changes the adapters task B then runs. Configs
 build, the launcher trains two datasets in one run, bad input is a one-line error."""
 
-import functools
 import json
 import os
 
@@ -25,6 +24,7 @@ from research.adapters.bottleneck import Bottleneck
 from research.adapters.polyhistor import Polyhistor
 from research.adapters.shared import SharedAdapter
 from research.train import loop, optim
+from tests.tiny_bert import random_tree, token_batch, forward, gap
 
 TINY = dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, vocab_size=100,
             max_length=32, hidden_dropout=0.0, attention_dropout=0.0, num_classes=3)
@@ -39,37 +39,12 @@ def tiny_model(**overrides):
     return models.build("bert_tiny_classifier", **{**TINY, **overrides})
 
 
-def random_tree(shapes, seed=0, scale=0.2):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape), jnp.float32),
-                        shapes)
-
-
 def randomize(params, pattern, seed=1, scale=0.5):
     """Every leaf whose path contains ``pattern`` drawn anew (kernels off zero)."""
     rng = np.random.default_rng(seed)
     return tree.map_with_path(
         lambda p, x: jnp.asarray(rng.normal(0.0, scale, x.shape), jnp.float32)
         if pattern in p else x, params)
-
-
-def token_batch(rows=3, length=12, vocab=100, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, vocab, (rows, length)).astype(np.int32)
-    mask = np.ones((rows, length), np.int32)
-    mask[1, 8:] = 0
-    return ids, mask, np.zeros_like(ids)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def forward(model, method, params, *inputs):
-    if method is None:
-        return model.module.apply({"params": params}, *inputs)
-    return method.apply(model.module, {"params": params}, *inputs).outputs
-
-
-def gap(a, b) -> float:
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max())
 
 
 @pytest.fixture(scope="module")

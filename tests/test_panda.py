@@ -13,6 +13,7 @@ from research import methods, models, tree
 from research.adapters.panda import TEACHER, Panda, distillation_loss
 from research.adapters.prompts import PromptTuning
 from research.train import loop
+from tests.tiny_bert import token_batch, gap
 
 TINY = dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, vocab_size=100,
             max_length=32, hidden_dropout=0.0, attention_dropout=0.0, num_classes=3)
@@ -24,18 +25,6 @@ def random_tree(shapes, seed=0, scale=0.2):
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape), jnp.float32),
                         shapes)
-
-
-def token_batch(rows=3, length=12, vocab=100, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, vocab, (rows, length)).astype(np.int32)
-    mask = np.ones((rows, length), np.int32)
-    mask[1, 8:] = 0
-    return ids, mask, np.zeros_like(ids)
-
-
-def gap(a, b) -> float:
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max())
 
 
 @pytest.fixture(scope="module")

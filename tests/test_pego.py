@@ -4,19 +4,17 @@ fresh group changes nothing; the regulariser is zero exactly when the modules ar
 authors' formula, and optimising it drives the A blocks' Gram matrix to the identity; under the
 loop a step logs ``orthogonality``."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from configs import common
 from research import methods, models, tree
 from research.lowrank import lora as lora_lib
 from research.lowrank.pego import PEGO
 from research.train import loop
+from tests.tiny_bert import forward, loop_config, loop_setup, random_batch
 
 TINY = dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=1, vocab_size=100,
             max_length=32, hidden_dropout=0.0, attention_dropout=0.0)
@@ -32,13 +30,6 @@ def tiny():
                           model.param_shapes())
     ids = rng.integers(1, 100, (3, 12)).astype(np.int32)
     return model, params, (ids, np.ones_like(ids), np.zeros_like(ids))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def forward(model, method, params, ids, mask, types):
-    if method is None:
-        return model.module.apply({"params": params}, ids, mask, types)
-    return method.apply(model.module, {"params": params}, ids, mask, types).outputs
 
 
 def test_update_is_the_sum_of_the_modules_updates(tiny):
@@ -165,29 +156,13 @@ def test_bad_input_is_a_one_line_error(tiny):
 
 
 def test_a_step_under_the_loop_logs_the_orthogonality_term():
-    config = common.base_config()
-    config.data.name = "rotten_tomatoes/sentiment"
-    config.model.name = "bert_tiny_classifier"
-    config.model.overrides = dict(num_classes=2, vocab_size=1000, hidden_size=32, num_heads=4,
-                                  mlp_dim=64, num_layers=1, hidden_dropout=0.0,
-                                  attention_dropout=0.0)
-    config.train.batch_size = 8
-    config.optim.learning_rate = 1e-2
-    config.optim.schedule = "constant"
-    config.mesh = dict(data=1)
-    config.method = dict(name="pego", targets=((r"encoder/.*/kernel", 2),), modules=2,
-                         orthogonality_weight=0.1, also_train=(r"classifier/.*",))
-    setup = loop.make_setup(config, loop.build_model(config), 10, devices=jax.devices()[:1])
-    state = loop.init_state(config, setup)
+    setup, state = loop_setup(loop_config(dict(
+        name="pego", targets=((r"encoder/.*/kernel", 2),), modules=2, orthogonality_weight=0.1,
+        also_train=(r"classifier/.*",))), 10)
     trainable = tree.flatten(state["trainable"])
     assert {p for p in trainable if not p.endswith(("lora_a", "lora_b"))} == {
         "classifier/kernel", "classifier/bias"}
-    rng = np.random.default_rng(0)
-    batch = loop.global_batch(setup, {
-        "input_ids": rng.integers(1, 1000, (8, 16)).astype(np.int32),
-        "attention_mask": np.ones((8, 16), np.int32),
-        "token_type_ids": np.zeros((8, 16), np.int32),
-        "label": rng.integers(0, 2, (8,)).astype(np.int32)})
+    batch = random_batch(setup)
     step = loop.make_train_step(setup)
     logged = []
     for _ in range(3):

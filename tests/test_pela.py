@@ -4,8 +4,6 @@ positive below it, and its gradient never reaches the teacher's kernels; compres
 kernels and the parameter count falls by the expected amount; under the loop only the factors
 train and the logged ``distill`` term falls."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +14,7 @@ from research import methods, models, tree
 from research.lowrank import pela as pela_lib
 from research.lowrank.pela import PELA
 from research.train import loop
+from tests.tiny_bert import forward, random_batch
 
 TINY = dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=1, vocab_size=100,
             max_length=32, hidden_dropout=0.0, attention_dropout=0.0)
@@ -33,13 +32,6 @@ def tiny():
     mask = np.ones_like(ids)
     mask[1, 8:] = 0
     return model, params, (ids, mask, np.zeros_like(ids))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def forward(model, method, params, ids, mask, types):
-    if method is None:
-        return model.module.apply({"params": params}, ids, mask, types)
-    return method.apply(model.module, {"params": params}, ids, mask, types).outputs
 
 
 def distill(model, method, params, ids, mask, types):
@@ -170,12 +162,7 @@ def test_training_under_the_loop_reduces_the_distill_term():
     assert set(trainable) == {p for p in trainable if p.endswith(("pela_u", "pela_v"))} | {
         "classifier/kernel", "classifier/bias"}
     assert "encoder/layer_0/mlp/wi/kernel" in tree.flatten(state["frozen"])
-    rng = np.random.default_rng(0)
-    batch = loop.global_batch(setup, {
-        "input_ids": rng.integers(1, 1000, (8, 16)).astype(np.int32),
-        "attention_mask": np.ones((8, 16), np.int32),
-        "token_type_ids": np.zeros((8, 16), np.int32),
-        "label": rng.integers(0, 2, (8,)).astype(np.int32)})
+    batch = random_batch(setup)
     step = loop.make_train_step(setup)
     distill = []
     for _ in range(6):

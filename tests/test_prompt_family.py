@@ -24,20 +24,13 @@ from research.adapters.iapt import IAPT  # noqa: E402
 from research.adapters.pet import PET  # noqa: E402
 from research.adapters.prefix import PrefixTuning  # noqa: E402
 from research.train import checkpoint, loop  # noqa: E402
+from tests.tiny_bert import TINY, random_params, gap, one_line  # noqa: E402
 
-TINY = dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, vocab_size=100,
-            max_length=32, hidden_dropout=0.0, attention_dropout=0.0)
 LLAMA = dict(vocab_size=256, hidden_size=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
              num_layers=2)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAD = (r"classifier/.*",)
 M = 3  # IAPT's prompt slots
-
-
-def random_params(model, seed=0, scale=0.2):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape), jnp.float32),
-                        model.param_shapes())
 
 
 def text_batch(lengths, width, seed=0, low=20):
@@ -49,14 +42,6 @@ def text_batch(lengths, width, seed=0, low=20):
         ids[row, :length] = [2, *rng.integers(low, 100, length - 2), 3]
         mask[row, :length] = 1
     return ids, mask, np.zeros_like(ids)
-
-
-def gap(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
-
-
-def one_line(info) -> None:
-    assert "\n" not in str(info.value)
 
 
 @pytest.fixture(scope="module")

@@ -25,19 +25,15 @@ from research.adapters.prompts import PromptTuning, PTuning  # noqa: E402
 from research.models import hf  # noqa: E402
 from research.models.layers import rotate  # noqa: E402
 from research.train import loop  # noqa: E402
+from tests.tiny_bert import (  # noqa: E402
+    TINY, random_params, gap, one_line, loop_config, loop_setup, random_batch,
+    assert_only_trainable_moved
+)
 
-TINY = dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, vocab_size=100,
-            max_length=32, hidden_dropout=0.0, attention_dropout=0.0)
 LLAMA = dict(vocab_size=100, hidden_size=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
              num_layers=2, max_length=64)
 HEAD = (r"classifier/.*",)
 N = 3
-
-
-def random_params(model, seed=0, scale=0.2):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape), jnp.float32),
-                        model.param_shapes())
 
 
 def token_batch(rows=3, length=12, seed=0):
@@ -54,10 +50,6 @@ def run(model, method, params, *inputs):
     if method is None:
         return model.module.apply({"params": params}, *inputs)
     return method.apply(model.module, {"params": params}, *inputs).outputs
-
-
-def gap(a, b) -> float:
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max())
 
 
 def with_leaves(params, leaves: dict):
@@ -240,21 +232,7 @@ def test_bert_prefix_one_layer_against_numpy(bert_encoder):
     dict(name="p_tuning", num_virtual_tokens=4, encoder_hidden_size=8),
     dict(name="prefix_tuning", num_virtual_tokens=4)], ids=lambda o: o["name"])
 def test_training_under_the_loop_moves_only_the_method_leaves(options):
-    from configs import common
-
-    config = common.base_config()
-    config.data.name = "rotten_tomatoes/sentiment"
-    config.model.name = "bert_tiny_classifier"
-    config.model.overrides = dict(num_classes=2, vocab_size=1000, hidden_size=32, num_heads=4,
-                                  mlp_dim=64, num_layers=1, hidden_dropout=0.0,
-                                  attention_dropout=0.0)
-    config.train.batch_size = 8
-    config.optim.learning_rate = 1e-2
-    config.optim.schedule = "constant"
-    config.mesh = dict(data=1)
-    config.method = dict(options, also_train=HEAD)
-    setup = loop.make_setup(config, loop.build_model(config), 2, devices=jax.devices()[:1])
-    state = loop.init_state(config, setup)
+    setup, state = loop_setup(loop_config(dict(options, also_train=HEAD)))
     before = jax.device_get(state)
     trainable = tree.flatten(before["trainable"])
     own = {"prompt_tuning": {"embeddings/prompt"},
@@ -264,18 +242,9 @@ def test_training_under_the_loop_moves_only_the_method_leaves(options):
            "prefix_tuning": {"encoder/layer_0/attn/key/prefix",
                              "encoder/layer_0/attn/value/prefix"}}[options["name"]]
     assert set(trainable) == own | {"classifier/kernel", "classifier/bias"}
-    rng = np.random.default_rng(0)
-    batch = loop.global_batch(setup, {
-        "input_ids": rng.integers(1, 1000, (8, 16)).astype(np.int32),
-        "attention_mask": np.ones((8, 16), np.int32),
-        "token_type_ids": np.zeros((8, 16), np.int32),
-        "label": rng.integers(0, 2, (8,)).astype(np.int32)})
+    batch = random_batch(setup)
     state, _ = loop.make_train_step(setup)(state, batch)
-    after = jax.device_get(state)
-    for path, value in tree.flatten(before["frozen"]).items():
-        np.testing.assert_array_equal(tree.flatten(after["frozen"])[path], value, err_msg=path)
-    for path, value in trainable.items():
-        assert np.abs(tree.flatten(after["trainable"])[path] - value).max() > 0, path
+    assert_only_trainable_moved(before, jax.device_get(state))
 
 
 def test_config_files_build_the_methods():
@@ -299,10 +268,6 @@ def test_config_files_build_the_methods():
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------
-
-
-def one_line(info) -> None:
-    assert "\n" not in str(info.value)
 
 
 def test_bad_input_is_a_one_line_error(bert, llama, tmp_path):

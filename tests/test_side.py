@@ -16,17 +16,12 @@ from research import methods, models, sites, tree
 from research.adapters import side
 from research.adapters.side import Levi, SideTuning, VisualQueryTuning
 from research.train import loop
+from tests.tiny_bert import random_params, one_line
 
 TINY = dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, vocab_size=100,
             max_length=32, hidden_dropout=0.0, attention_dropout=0.0, num_classes=3)
 VIT = dict(hidden_size=32, num_heads=4, mlp_dim=64)
 BLOCKS = ("encoder/layer_0", "encoder/layer_1")
-
-
-def random_params(model, seed=0, scale=0.2):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape), jnp.float32),
-                        model.param_shapes())
 
 
 def moved(method, params, seed=5, scale=0.2):
@@ -363,10 +358,6 @@ def test_config_files_build_their_methods():
         config = module.get_config("quick")
         assert isinstance(methods.build(config.method), kind) and not config.model.init_from
         assert module.get_config("").model.init_from == "runs/vit_mnist5k"
-
-
-def one_line(info) -> None:
-    assert "\n" not in str(info.value)
 
 
 def test_bad_input_is_a_one_line_error(bert):

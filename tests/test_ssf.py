@@ -4,8 +4,6 @@ export folds every pair into the layer or norm before it, so the plain model (BE
 with its patch convolution and final norm) equals the adapted one; training moves only the
 scales and shifts; bad input is a one-line error."""
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,20 +14,12 @@ from research import methods, models, tree
 from research.adapters import ssf as ssf_lib
 from research.adapters.ssf import SSF
 from research.train import loop, optim
+from tests.tiny_bert import (
+    tiny_model, random_tree, token_batch, forward, gap, one_line, loop_config, loop_setup,
+    random_batch, assert_only_trainable_moved
+)
 
-TINY = dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, vocab_size=100,
-            max_length=32, hidden_dropout=0.0, attention_dropout=0.0)
 OWN = (ssf_lib.SCALE, ssf_lib.SHIFT)
-
-
-def tiny_model(head="encoder", **overrides):
-    return models.build(f"bert_tiny_{head}", **{**TINY, **overrides})
-
-
-def random_tree(shapes, seed=0, scale=0.2):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape), jnp.float32),
-                        shapes)
 
 
 def randomize_own(params, seed=1):
@@ -46,25 +36,6 @@ def randomize_own(params, seed=1):
 
 def sites_leaf(path):
     return path.rpartition("/")[2]
-
-
-def token_batch(rows=3, length=12, vocab=100, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, vocab, (rows, length)).astype(np.int32)
-    mask = np.ones((rows, length), np.int32)
-    mask[1, 8:] = 0
-    return ids, mask, np.zeros_like(ids)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def forward(model, method, params, *inputs):
-    if method is None:
-        return model.module.apply({"params": params}, *inputs)
-    return method.apply(model.module, {"params": params}, *inputs).outputs
-
-
-def gap(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
 
 @pytest.fixture(scope="module")
@@ -179,40 +150,18 @@ def test_export_folds_into_the_plain_model(tiny):
 
 
 def test_training_under_the_loop_moves_only_the_scales_and_shifts():
-    from configs import common
-
-    config = common.base_config()
-    config.data.name = "rotten_tomatoes/sentiment"
-    config.model.name = "bert_tiny_classifier"
-    config.model.overrides = dict(num_classes=2, vocab_size=1000, hidden_size=32, num_heads=4,
-                                  mlp_dim=64, num_layers=1, hidden_dropout=0.0,
-                                  attention_dropout=0.0)
-    config.train.batch_size = 8
-    config.optim.learning_rate = 1e-2
-    config.optim.schedule = "constant"
-    config.mesh = dict(data=1)
     # layer_0 is the last (only) block: it computes [CLS] alone, every module still runs.
-    config.method = dict(name="ssf", targets=(r"encoder/layer_0/(attn/(key|out)|mlp_norm)",),
-                         also_train=(r"classifier/.*",))
-    setup = loop.make_setup(config, loop.build_model(config), 2, devices=jax.devices()[:1])
-    state = loop.init_state(config, setup)
+    setup, state = loop_setup(loop_config(dict(
+        name="ssf", targets=(r"encoder/layer_0/(attn/(key|out)|mlp_norm)",),
+        also_train=(r"classifier/.*",))))
     before = jax.device_get(state)
     trainable = tree.flatten(before["trainable"])
     assert set(trainable) == {f"encoder/layer_0/{m}/{leaf}" for m in ("attn/key", "attn/out",
                                                                        "mlp_norm")
                               for leaf in OWN} | {"classifier/kernel", "classifier/bias"}
-    rng = np.random.default_rng(0)
-    batch = loop.global_batch(setup, {
-        "input_ids": rng.integers(1, 1000, (8, 16)).astype(np.int32),
-        "attention_mask": np.ones((8, 16), np.int32),
-        "token_type_ids": np.zeros((8, 16), np.int32),
-        "label": rng.integers(0, 2, (8,)).astype(np.int32)})
+    batch = random_batch(setup)
     state, _ = loop.make_train_step(setup)(state, batch)
-    after = jax.device_get(state)
-    for path, value in tree.flatten(before["frozen"]).items():
-        np.testing.assert_array_equal(tree.flatten(after["frozen"])[path], value, err_msg=path)
-    for path, value in trainable.items():
-        assert np.abs(tree.flatten(after["trainable"])[path] - value).max() > 0, path
+    assert_only_trainable_moved(before, jax.device_get(state))
 
 
 def test_config_file_builds_an_ssf_method():
@@ -224,10 +173,6 @@ def test_config_file_builds_an_ssf_method():
     plan = method.plan(models.build("minilm_l6_classifier", num_classes=2).param_shapes())
     # Six linear layers and two norms per block, and the embeddings' norm.
     assert len(plan) == 8 * 6 + 1 and "embeddings/norm" in plan
-
-
-def one_line(info) -> None:
-    assert "\n" not in str(info.value)
 
 
 def test_bad_input_is_a_one_line_error(tiny):
