@@ -50,6 +50,7 @@ from research import peft_format, sites, tree
 from research.lowrank.lora import DEFAULT_INPUT_AXES, low_rank
 from research.methods import Applied, Method, register, training
 from research.models import hf
+from research.models.dropout import dropout
 from research.peft_format import KEY_PREFIX
 
 A, E, B = "adalora_a", "adalora_e", "adalora_b"
@@ -397,8 +398,7 @@ def _svd_path(call: sites.Call, scale: float, rate: float):
                          f"the layer's kernel has {n_in} (set AdaLoRA input_axes)")
     x = call.inputs.astype(dtype)
     if rate:
-        keep = jax.random.bernoulli(call.layer.make_rng("dropout"), 1.0 - rate, x.shape)
-        x = jnp.where(keep, x / (1.0 - rate), jnp.zeros((), dtype))
+        x = dropout(call.layer.make_rng("dropout"), rate, x)
     delta = low_rank(x, (a * e).astype(dtype), b.astype(dtype), n_in, scale)
     return y + delta.astype(y.dtype)
 

@@ -55,6 +55,7 @@ import safetensors.numpy
 
 from research import files, sites, tree
 from research.lowrank.lora import A, B, FACTOR_PATTERN, TARGET_LEAVES, LoRA, lora_factors, low_rank
+from research.models.dropout import dropout
 from research.lowrank.lora import merge as merge_lora
 from research.methods import Applied, Method, register, training
 
@@ -327,8 +328,7 @@ class MultiLoRA(Method):
                 _check_axes(path, a, n_in)
                 x = inputs.astype(dtype)
                 if rate:
-                    keep = jax.random.bernoulli(layer.make_rng("dropout"), 1.0 - rate, x.shape)
-                    x = jnp.where(keep, x / (1.0 - rate), jnp.zeros((), dtype))
+                    x = dropout(layer.make_rng("dropout"), rate, x)
                 total = total + low_rank(x, a.astype(dtype), b.astype(dtype), n_in, scale)
             return total
 

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from research import sites, tree
 from research.lowrank import init as init_lib
 from research.methods import Applied, Method, register, training
+from research.models.dropout import dropout
 
 A, B = "lora_a", "lora_b"
 FACTOR_PATTERN = r"(.*/)?lora_(a|b)"
@@ -391,8 +392,7 @@ def _low_rank_path(call: sites.Call, scales: dict[str, float], rate: float, comb
                          f"the layer's kernel has {n_in} (set LoRA input_axes)")
     x = call.inputs.astype(dtype)
     if rate:
-        keep = jax.random.bernoulli(call.layer.make_rng("dropout"), 1.0 - rate, x.shape)
-        x = jnp.where(keep, x / (1.0 - rate), jnp.zeros((), dtype))
+        x = dropout(call.layer.make_rng("dropout"), rate, x)
     delta = low_rank(x, a.astype(dtype), b.astype(dtype), n_in, float(scale))
     return combine(call.layer, y, delta, scale)
 

@@ -41,6 +41,7 @@ import numpy as np
 from research import peft_format, sites, tree
 from research.lowrank.lora import DEFAULT_INPUT_AXES
 from research.methods import Applied, Method, register, training
+from research.models.dropout import dropout
 from research.peft_format import KEY_PREFIX
 
 LAMBDA_D, LAMBDA_B = "vera_lambda_d", "vera_lambda_b"
@@ -255,8 +256,7 @@ def _vera_path(call: sites.Call, a, b, rate: float):
     x = call.inputs.astype(dtype)
     in_shape = x.shape[x.ndim - n_in:]
     if rate:
-        keep = jax.random.bernoulli(call.layer.make_rng("dropout"), 1.0 - rate, x.shape)
-        x = jnp.where(keep, x / (1.0 - rate), jnp.zeros((), dtype))
+        x = dropout(call.layer.make_rng("dropout"), rate, x)
     rank = a.shape[1]
     a_in = a[:math.prod(in_shape)].astype(dtype).reshape(*in_shape, rank)
     b_out = b[:, :scale.size].astype(dtype).reshape(rank, *scale.shape)

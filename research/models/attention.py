@@ -30,6 +30,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from research.models.dropout import dropout
+
 IMPLS = ("einsum", "fused")
 
 
@@ -88,13 +90,6 @@ def additive_bias(mask: Mask | None, rows: int, length: int):
     if where is None:
         return None
     return jnp.where(where, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-
-
-def dropout(rng, rate: float, x):
-    """Inverted dropout, as ``flax.linen.Dropout`` computes it."""
-    keep_prob = 1.0 - rate
-    keep = jax.random.bernoulli(rng, keep_prob, x.shape)
-    return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
 
 
 def einsum_attention(query, key, value, mask: Mask | None = None, *, dropout_rate: float = 0.0,

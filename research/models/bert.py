@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from research.models.dropout import Dropout
 from research.models.layers import ModelConfig, Norm, Stack, constrain, dense, embed, partitioned
 
 ARCHITECTURE = dict(norm="layernorm", pre_norm=False, mlp="gelu", use_bias=True, rotary=False,
@@ -42,7 +43,7 @@ class BertEmbeddings(nn.Module):
         self.position = embed(c, c.max_length, "position")
         self.token_type = embed(c, c.type_vocab_size, "token_types")
         self.norm = Norm(c)
-        self.dropout = nn.Dropout(c.hidden_dropout)
+        self.dropout = Dropout(c.hidden_dropout)
 
     def __call__(self, input_ids, token_type_ids, deterministic: bool):
         positions = jnp.arange(input_ids.shape[1])[None]
@@ -83,7 +84,7 @@ class BertForSequenceClassification(BertModel):
 
     def setup(self):
         super().setup()
-        self.dropout = nn.Dropout(self.config.hidden_dropout)
+        self.dropout = Dropout(self.config.hidden_dropout)
         self.classifier = dense(self.config, self.config.num_classes, ("embed", "classes"))
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None,

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from research import tree
+from research.models.dropout import Dropout
 from research.models.attention import IMPLS as ATTENTION_IMPLS, attend, make_mask
 
 NORMS = ("layernorm", "rmsnorm")
@@ -296,7 +297,7 @@ class Block(nn.Module):
         attention, mlp = Attention(c, name="attn"), Mlp(c, name="mlp")
         attn_norm, mlp_norm = Norm(c, name="attn_norm"), Norm(c, name="mlp_norm")
         def drop(y):
-            return nn.Dropout(c.hidden_dropout)(y, deterministic=deterministic)
+            return Dropout(c.hidden_dropout)(y, deterministic=deterministic)
         kept = x[:, :rows] if rows is not None else x
         if "attn" in self.removed:
             x = kept

@@ -9,6 +9,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from research.models.dropout import Dropout
 from research.models.layers import ModelConfig, Stack, constrain, dense, partitioned, weight_init
 
 ARCHITECTURE = dict(norm="layernorm", pre_norm=True, mlp="gelu", use_bias=True, rotary=False,
@@ -50,7 +51,7 @@ class ViTEmbeddings(nn.Module):
                               (num_patches(c) + 1, c.hidden_size), jnp.float32)
         cls = jnp.broadcast_to(cls.astype(c.compute_dtype), (batch, 1, c.hidden_size))
         x = jnp.concatenate([cls, patches], axis=1) + position.astype(c.compute_dtype)
-        return nn.Dropout(c.hidden_dropout)(x, deterministic=deterministic)
+        return Dropout(c.hidden_dropout)(x, deterministic=deterministic)
 
 
 class ViTForImageClassification(nn.Module):

@@ -382,10 +382,11 @@ RNG_IMPLS = ("unsafe_rbg", "rbg", "threefry2x32")
 
 
 def step_key(key, impl: str):
-    """The step's random key (dropout, token masking) in PRNG ``impl``. The state keeps a
-    threefry key; the RBG generators draw bits with XLA's RngBitGenerator, far cheaper than
-    threefry on CPU (a MiniLM LoRA step with dropout ran ~15% faster), at the price of bits
-    that depend on the sharding. 'threefry2x32' keeps them sharding-invariant."""
+    """The step's random key in PRNG ``impl``. The state keeps a threefry key; the RBG
+    generators draw bits with XLA's RngBitGenerator, cheaper than threefry for large draws
+    (token masking) at the price of bits that depend on the sharding; 'threefry2x32' keeps them
+    sharding-invariant. Dropout draws only two words per call from it
+    (``research/models/dropout.py``), so its masks are sharding-invariant either way."""
     if impl not in RNG_IMPLS:
         raise ValueError(f"config.train.rng_impl={impl!r} is not one of {RNG_IMPLS}")
     if impl == "threefry2x32":
