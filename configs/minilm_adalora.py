@@ -20,8 +20,9 @@ def get_config(arg: str | None = None):
     config.method = dict(name="adalora", targets=(r"encoder/.*/kernel",), init_r=12, target_r=8,
                          tinit=steps // 10, tfinal=3 * steps // 10, delta_t=10, alpha=16.0,
                          orth_reg_weight=0.1, also_train=(r"classifier/.*",))
-    # The paper's SST-2 run (DeBERTaV3-base): learning rate 8e-4, orthogonality weight 0.1.
-    config.optim.learning_rate = 8e-4
+    # The paper's SST-2 run (DeBERTaV3-base) trains at 8e-4 for epochs; in 250 steps that left
+    # this run at chance (test 0.572), so 3e-3, LoKr's rate. Orthogonality weight 0.1 as there.
+    config.optim.learning_rate = 3e-3
     # Decay on the singular vectors as on LoRA's factors; none on the singular values, which
     # the budget alone should zero.
     config.optim.weight_decay = ((r".*/(kernel|adalora_a|adalora_b)", 0.01),)

@@ -15,7 +15,8 @@ def get_config(arg: str | None = None):
     config = minilm_rotten_tomatoes.get_config(arg)
     config.method = dict(name="p_tuning", num_virtual_tokens=20, encoder_hidden_size=128,
                          also_train=(r"classifier/.*",))
-    # PEFT's P-tuning sequence-classification guide: 1e-3 (AdamW).
-    config.optim.learning_rate = 1e-3
+    # PEFT's P-tuning sequence-classification guide trains at 1e-3 (AdamW); in 250 steps that
+    # stayed at chance here (loss 0.66-0.69 at step 120).
+    config.optim.learning_rate = 1e-2
     config.optim.weight_decay = ((r".*/kernel", 0.01),)
     return config
