@@ -6,15 +6,19 @@ Everything else is the default experiment (``minilm_rotten_tomatoes.py``).
 
     python -m launch.main --config configs/minilm_houlsby.py --workdir runs/houlsby
     python -m launch.main --config configs/minilm_houlsby.py:task=subjectivity ...
+    python -m launch.main --config configs/minilm_houlsby.py:placement=parallel ...   (He et al.)
     python -m launch.main --config configs/minilm_houlsby.py:quick ...   (smoke test)
 """
 
-from configs import minilm_rotten_tomatoes
+from configs import common, minilm_rotten_tomatoes
 
 
 def get_config(arg: str | None = None):
-    config = minilm_rotten_tomatoes.get_config(arg)
+    args = common.parse_arg(arg, quick=False, task="sentiment", placement="sequential")
+    config = minilm_rotten_tomatoes.get_config(f"task={args.task}" + (",quick" if args.quick
+                                                                      else ""))
     config.method = dict(name="houlsby", reduction_factor=16, nonlinearity="gelu",
+                         placement=args.placement,
                          also_train=(r"classifier/.*", r"encoder/.*_norm/(scale|bias)"))
     # The paper sweeps {3e-5, 3e-4, 3e-3}; adapters starting at the identity need the middle
     # one at least, and this run is short (under an epoch).

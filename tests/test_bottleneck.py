@@ -21,6 +21,7 @@ from tests.tiny_bert import (
     random_batch, assert_only_trainable_moved
 )
 
+
 def randomize_adapters(params, seed=1, scale=0.3):
     rng = np.random.default_rng(seed)
     return tree.map_with_path(
@@ -82,6 +83,7 @@ def test_sites_shapes_axes_and_what_trains():
     assert gap(method.apply(llama.module, {"params": adapted}, ids).outputs, plain) == 0.0
     moved = method.apply(llama.module, {"params": randomize_adapters(adapted)}, ids).outputs
     assert gap(moved, plain) > 1e-2
+
 
 def test_fresh_adapters_leave_outputs_unchanged(tiny):
     model, params = tiny
@@ -176,6 +178,55 @@ def test_pre_ln_block_against_numpy():
     assert gap(ours, around) > 1e-2
 
 
+def side(h, p, act, scaling):
+    """The adapter's own term ``s·up(act(down(h)))`` (``adapter`` adds ``h``)."""
+    return scaling * (adapter(h, p, act) - h)
+
+
+def test_parallel_adapters_read_the_sublayer_input_against_numpy():
+    """He et al.'s parallel form: post-LN ``LN(x + f(x) + s·a(x))``; pre-LN
+    ``x + f(LN x) + s·a(LN x)``, with s scaling only the adapter."""
+    method = Houlsby(reduction_factor=4, nonlinearity="relu", placement="parallel", scaling=4.0)
+    x, f, ours = block_case(False, method)
+    a, m = f["attn"], f["mlp"]
+    y = layer_norm(x + attention(x, a) + side(x, a["out"], relu, 4.0), f["attn_norm"])
+    want = layer_norm(y + mlp(y, m) + side(y, m["wo"], relu, 4.0), f["mlp_norm"])
+    assert gap(ours, want) < 1e-4
+    # Sequential with the same leaves and s reads the sublayer's output: another function.
+    sequential = Houlsby(reduction_factor=4, nonlinearity="relu", scaling=4.0)
+    _, _, theirs = block_case(False, sequential)
+    y_seq = layer_norm(x + attention(x, a) + side(attention(x, a), a["out"], relu, 4.0),
+                       f["attn_norm"])
+    want_seq = layer_norm(y_seq + mlp(y_seq, m) + side(mlp(y_seq, m), m["wo"], relu, 4.0),
+                          f["mlp_norm"])
+    assert gap(theirs, want_seq) < 1e-4 and gap(ours, theirs) > 1e-2
+
+    x, f, ours = block_case(True, Pfeiffer(bottleneck=3, placement="parallel"), seed=5)
+    a, m = f["attn"], f["mlp"]
+    y = x + attention(layer_norm(x, f["attn_norm"]), a)
+    normed = layer_norm(y, f["mlp_norm"])
+    assert gap(ours, y + mlp(normed, m) + side(normed, m["wo"], relu, 1.0)) < 1e-4
+
+
+def test_parallel_adapters_under_a_scan_and_a_cls_only_last_block():
+    """The classifier's last block computes the [CLS] row alone: the parallel adapter reads
+    that row of the sublayer's input, as the full encoder does."""
+    method = Houlsby(placement="parallel", scaling=2.0)
+    classifier = tiny_model("classifier", num_classes=3)
+    params = random_tree(classifier.param_shapes(), 4)
+    moved = randomize_adapters(method.init(jax.random.key(0), params))
+    ids, mask, types = token_batch()
+    logits = forward(classifier, method, moved, ids, mask, types)
+    encoder = tiny_model()
+    pooled = forward(encoder, method, {k: v for k, v in moved.items() if k != "classifier"},
+                     ids, mask, types)[1]
+    head = moved["classifier"]
+    assert gap(logits, pooled @ head["kernel"] + head["bias"]) < 1e-5
+    assert gap(forward(tiny_model("classifier", num_classes=3, scan_layers=True), method, moved,
+                       ids, mask, types), logits) < 1e-5
+    assert gap(logits, forward(classifier, Houlsby(scaling=2.0), moved, ids, mask, types)) > 1e-3
+
+
 def test_export_keeps_the_adapters_which_cannot_fold(tiny):
     model, params = tiny
     ids, mask, types = token_batch()
@@ -243,6 +294,12 @@ def test_bad_input_is_a_one_line_error(tiny):
           r"layer with one output axis")),
         (dict(targets=()), r"houlsby target rules are empty"),
         (dict(init_scale=0.0), r"config.method.init_scale=0.0 is not a number > 0"),
+        (dict(placement="serial"), (r"config.method.placement='serial' is not one of "
+                                    r"\['sequential', 'parallel'\]")),
+        (dict(scaling="4"), r"config.method.scaling='4' is not a number"),
+        (dict(placement="parallel", targets=(r"encoder/.*/mlp/wi",)),
+         (r"houlsby target encoder/layer_0/mlp/wi is no sublayer's output layer; a parallel "
+          r"adapter sits beside an attention or MLP sublayer, at attn/out, mlp/wo or mlp/down")),
     ]
     for options, message in cases:
         with pytest.raises(ValueError, match=message) as info:

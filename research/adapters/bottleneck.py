@@ -4,7 +4,11 @@ freeze the model and insert a small residual MLP, ``h ↦ h + up(act(down(h)))``
 block, inside the residual branch, so a post-LN block computes ``LN(x + a(sublayer(x)))`` (a
 pre-LN block ``x + a(sublayer(LN(x)))``). Pfeiffer et al., 2021 ("AdapterFusion:
 Non-Destructive Task Composition for Transfer Learning"; the default of their AdapterHub, 2020)
-keep one adapter per block, after the MLP.
+keep one adapter per block, after the MLP. Both are *sequential*; a *parallel* adapter (He et
+al., 2022, "Towards a Unified View of Parameter-Efficient Transfer Learning"; compared with the
+sequential ones for audio transformers by Cappellazzo et al., 2023) reads the sublayer's input
+instead and adds its output beside the sublayer's: ``f(x) + s·up(act(down(x)))``, so a post-LN
+block computes ``LN(x + f(x) + a(x))`` and a pre-LN block ``x + f(LN x) + a(LN x)``.
 
 Both are one method (:class:`Bottleneck`) registered under two names, ``houlsby`` and
 ``pfeiffer``: the papers differ in where the adapters sit (and their nonlinearity), which is
@@ -14,6 +18,10 @@ A site is a layer whose output the adapter maps: ``attn/out`` and ``mlp/wo`` (Ll
 adds the residual and (post-LN) normalises. Houlsby's and AdapterHub's code apply that dropout
 before the adapter instead (the block's dropout is no site): the same function whenever dropout
 is off (evaluation, ``hidden_dropout=0``).
+
+``placement`` picks sequential (default) or parallel; the sites stay the sublayers' output
+projections either way (a parallel adapter's params sit there too), and ``scaling`` is ``s``
+(He et al. use 4 for a parallel adapter beside the MLP; 1 keeps Houlsby's sequential form).
 
 ``up`` starts at zero (Houlsby draws it, like ``down``, from a truncated normal of std 0.01), so
 the model is exactly unchanged at step 0 and the first step moves ``up``. The width is ``m =
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import ClassVar
 
 import flax.linen as nn
@@ -42,6 +51,7 @@ import jax.numpy as jnp
 from research import sites, tree
 from research.adapters.ssf import choose_modules, parse_rules
 from research.lowrank.lora import DEFAULT_INPUT_AXES
+from research.models.layers import Attention, Mlp
 from research.methods import Applied, Method, register
 
 ADAPTER = "adapter"
@@ -50,6 +60,9 @@ NONLINEARITIES = {"relu": nn.relu, "gelu": functools.partial(nn.gelu, approximat
                   "swish": nn.silu, "tanh": jnp.tanh}
 ATTENTION_SITES = r"(.*/)?attn/out"
 MLP_SITES = r"(.*/)?mlp/(wo|down)"
+PLACEMENTS = ("sequential", "parallel")
+# A parallel adapter reads its sublayer's input: the site must be that sublayer's output layer.
+SUBLAYER_OUTPUTS = rf"{ATTENTION_SITES}|{MLP_SITES}"
 
 
 def _check_width(key: str, value) -> None:
@@ -78,6 +91,9 @@ class Bottleneck(Method):
     nonlinearity: one of :data:`NONLINEARITIES` (``houlsby`` gelu, as in the paper's code;
         AdapterHub's Houlsby config uses swish; ``pfeiffer`` relu).
     init_scale: std of ``down``'s truncated normal (Houlsby's 0.01); ``up`` starts at zero.
+    placement: ``sequential`` (the adapter maps the site's output) or ``parallel`` (it maps
+        the site's sublayer's input and adds beside the site's output).
+    scaling: ``s``, the factor on the adapter's output.
     also_train: extra path regexes that train (a classifier head, Houlsby's layer norms);
         ``trainable``, when given, replaces the default (the adapters plus ``also_train``).
     input_axes: ``(regex, n)`` rules over kernel paths: how many leading kernel axes are inputs
@@ -89,6 +105,8 @@ class Bottleneck(Method):
     bottleneck: int | None = None
     nonlinearity: str = "gelu"
     init_scale: float = 1e-2
+    placement: str = "sequential"
+    scaling: float = 1.0
     also_train: tuple = ()
     input_axes: tuple = DEFAULT_INPUT_AXES
 
@@ -107,6 +125,11 @@ class Bottleneck(Method):
         if not isinstance(self.init_scale, (int, float)) or self.init_scale <= 0:
             raise ValueError(f"config.method.init_scale={self.init_scale!r} is not a number "
                              f"> 0")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"config.method.placement={self.placement!r} is not one of "
+                             f"{list(PLACEMENTS)}")
+        if not isinstance(self.scaling, (int, float)) or isinstance(self.scaling, bool):
+            raise ValueError(f"config.method.scaling={self.scaling!r} is not a number")
         set_(self, "also_train", tuple(self.also_train or ()))
         set_(self, "input_axes", tuple(tuple(r) if isinstance(r, list) else r
                                        for r in self.input_axes or ()))
@@ -130,6 +153,10 @@ class Bottleneck(Method):
             if len(outputs) != 1:
                 raise ValueError(f"{self.label} target {module} outputs {list(outputs)}; an "
                                  f"adapter maps a layer with one output axis (attn/out, mlp/wo)")
+            if self.placement == "parallel" and not re.fullmatch(SUBLAYER_OUTPUTS, module):
+                raise ValueError(f"{self.label} target {module} is no sublayer's output layer; "
+                                 f"a parallel adapter sits beside an attention or MLP sublayer, "
+                                 f"at attn/out, mlp/wo or mlp/down")
             width = outputs[0]
             if self.bottleneck is not None:
                 size = self.bottleneck
@@ -172,21 +199,41 @@ class Bottleneck(Method):
         return tree.unflatten(flat)
 
     def apply(self, module, variables, *args, **kwargs) -> Applied:
-        """``module.apply`` with every site's output passed through its adapter."""
-        adapt = functools.partial(_adapt, activation=NONLINEARITIES[self.nonlinearity])
+        """``module.apply`` with every site's output passed through its adapter (sequential)
+        or added to its adapter of the sublayer's input (parallel)."""
+        sublayer_inputs = {}
+        adapt = functools.partial(_adapt, activation=NONLINEARITIES[self.nonlinearity],
+                                  scaling=self.scaling, sublayer_inputs=(
+                                      sublayer_inputs if self.placement == "parallel" else None))
         with sites.intercept(adapt, sites.holding(ADAPTER)):
-            return Applied(module.apply(variables, *args, **kwargs))
+            if self.placement == "sequential":
+                return Applied(module.apply(variables, *args, **kwargs))
+            with sites.intercept(functools.partial(_record_input, sublayer_inputs),
+                                 lambda layer: isinstance(layer, (Attention, Mlp))):
+                return Applied(module.apply(variables, *args, **kwargs))
 
     def export(self, params: dict) -> dict:
         """``params`` as they are: the adapters cannot fold into the plain model's weights."""
         return params
 
 
-def _adapt(call: sites.Call, activation):
+def _record_input(inputs: dict, call: sites.Call):
+    """Keep a sublayer's input under its path while it runs (its output layer reads it)."""
+    inputs[call.path] = call.inputs
+    return call.output()
+
+
+def _adapt(call: sites.Call, activation, scaling: float, sublayer_inputs: dict | None):
+    """Sequential: ``h + s·a(h)`` on the site's output ``h``. Parallel: ``h + s·a(x)`` with
+    ``x`` the sublayer's input, cut to ``h``'s rows (a [CLS]-only last block)."""
     h = call.output()
     adapter = jax.tree.map(lambda x: x.astype(h.dtype), call.param(ADAPTER))
     down, up = adapter["down"], adapter["up"]
-    return h + activation(h @ down["kernel"] + down["bias"]) @ up["kernel"] + up["bias"]
+    x = h
+    if sublayer_inputs is not None:
+        x = sublayer_inputs[sites.parent(call.path)][:, :h.shape[1]].astype(h.dtype)
+    return h + scaling * (activation(x @ down["kernel"] + down["bias"]) @ up["kernel"]
+                          + up["bias"])
 
 
 @register("houlsby")
