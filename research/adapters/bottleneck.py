@@ -39,6 +39,7 @@ the form the two papers share.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
@@ -201,16 +202,16 @@ class Bottleneck(Method):
     def apply(self, module, variables, *args, **kwargs) -> Applied:
         """``module.apply`` with every site's output passed through its adapter (sequential)
         or added to its adapter of the sublayer's input (parallel)."""
+        parallel = self.placement == "parallel"
         sublayer_inputs = {}
         adapt = functools.partial(_adapt, activation=NONLINEARITIES[self.nonlinearity],
-                                  scaling=self.scaling, sublayer_inputs=(
-                                      sublayer_inputs if self.placement == "parallel" else None))
-        with sites.intercept(adapt, sites.holding(ADAPTER)):
-            if self.placement == "sequential":
-                return Applied(module.apply(variables, *args, **kwargs))
-            with sites.intercept(functools.partial(_record_input, sublayer_inputs),
-                                 lambda layer: isinstance(layer, (Attention, Mlp))):
-                return Applied(module.apply(variables, *args, **kwargs))
+                                  scaling=self.scaling,
+                                  sublayer_inputs=sublayer_inputs if parallel else None)
+        record = (sites.intercept(functools.partial(_record_input, sublayer_inputs),
+                                  lambda layer: isinstance(layer, (Attention, Mlp)))
+                  if parallel else contextlib.nullcontext())
+        with sites.intercept(adapt, sites.holding(ADAPTER)), record:
+            return Applied(module.apply(variables, *args, **kwargs))
 
     def export(self, params: dict) -> dict:
         """``params`` as they are: the adapters cannot fold into the plain model's weights."""
