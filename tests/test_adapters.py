@@ -14,7 +14,7 @@ import safetensors.numpy
 from research import methods, models, tree
 from research.lowrank import adapters as lib
 from research.lowrank.lora import LoRA, factor_pairs, merge
-from test_lora import forward
+from tests.tiny_bert import forward
 
 TINY = dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, vocab_size=100,
             max_length=32, hidden_dropout=0.0, attention_dropout=0.0)

@@ -16,8 +16,8 @@ from research.lowrank.dora import DoRA
 from research.models import hf
 from research.models.layers import MultiAxisDense
 from research.train import loop, optim
-from test_lora import (_torch_outputs, forward, random_params, randomize_factors,
-                       tiny_model, token_batch)
+from test_lora import randomize_factors
+from tests.tiny_bert import forward, random_params, tiny_model, token_batch, torch_bert_outputs
 
 TARGETS = ((r"encoder/.*/attn/(query|out)/kernel", 4), (r"encoder/.*/mlp/wi/kernel", 2),
            (r"pooler/kernel", 3))
@@ -152,7 +152,7 @@ def test_dora_adapters_match_peft_in_torch_both_ways(tiny, adapted, tmp_path):
     torch_model = peft.PeftModel.from_pretrained(
         transformers.BertModel.from_pretrained(str(tmp_path / "base")),
         str(tmp_path / "ours")).eval()
-    theirs = _torch_outputs(torch_model, ids, mask, types)
+    theirs = torch_bert_outputs(torch_model, ids, mask, types)
     ours = forward(model, method, moved, ids, mask, types)
     for x, y in zip(theirs, ours):
         assert np.abs(np.asarray(y) - x).max() < 1e-4
@@ -168,7 +168,7 @@ def test_dora_adapters_match_peft_in_torch_both_ways(tiny, adapted, tmp_path):
         peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"],
                         use_dora=True, init_lora_weights=False)).eval()
     torch_model.save_pretrained(str(tmp_path / "theirs"))
-    theirs = _torch_outputs(torch_model, ids, mask, types)
+    theirs = torch_bert_outputs(torch_model, ids, mask, types)
     method, imported = peft_lib.import_peft(str(tmp_path / "theirs"), model, params)
     assert isinstance(method, DoRA)
     assert tree.flatten(imported)["encoder/layer_0/attn/value/dora_m"].shape == (4, 8)

@@ -10,6 +10,7 @@ import pytest
 
 from configs import common
 from research import models, tree
+from research.models.dropout import Dropout
 from research.train import checkpoint, loop
 
 NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0)
@@ -85,7 +86,7 @@ def test_dropout_under_a_scan_draws_a_mask_per_layer():
 
     def record(next_fun, args, kwargs, context):
         y = next_fun(*args, **kwargs)
-        if isinstance(context.module, nn.Dropout) and not kwargs.get("deterministic", True):
+        if isinstance(context.module, Dropout) and not kwargs.get("deterministic", True):
             jax.debug.callback(lambda zeros: dropped.append(np.asarray(zeros)), y == 0)
         return y
 

@@ -16,7 +16,7 @@ from research.lowrank import init as init_lib
 from research.lowrank.lora import LoRA
 from research.models import hf
 from research.train import loop
-from test_lora import random_params, tiny_model, token_batch
+from tests.tiny_bert import random_params, tiny_model, token_batch
 from test_train import random_batch, tiny_config
 
 TARGETS = ((r"encoder/layer_0/attn/(query|out)/kernel", 4),  # [32, 4, 8] and [4, 8, 32]

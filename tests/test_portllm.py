@@ -14,7 +14,8 @@ from research import tree
 from research.lowrank import lora as lora_lib
 from research.lowrank.lora import LoRA
 from research.merge import portllm
-from test_lora import TARGETS, randomize_factors, random_params, tiny_model
+from test_lora import TARGETS, randomize_factors
+from tests.tiny_bert import random_params, tiny_model
 
 
 def random_tree(seed, shapes):

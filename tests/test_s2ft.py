@@ -12,7 +12,8 @@ from research import methods, models, tree
 from research.sparse import s2ft
 from research.sparse.s2ft import S2FT
 from research.train import loop
-from test_lora import _batch, _setup, forward, random_params, tiny_model, token_batch
+from test_lora import _batch, _setup
+from tests.tiny_bert import forward, random_params, tiny_model, token_batch
 
 
 def _random_orders(params, seed=0):

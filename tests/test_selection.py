@@ -13,7 +13,7 @@ from configs import common
 from research import methods, models, tree
 from research.sparse import green, hft
 from research.train import loop, optim
-from test_lora import random_params
+from tests.tiny_bert import random_params
 
 SMALL = dict(hidden_size=16, num_heads=2, mlp_dim=32, num_layers=2, vocab_size=64, max_length=16,
              image_size=8, patch_size=4)
