@@ -23,7 +23,7 @@ from research.lowrank.adalora import AdaLoRA  # noqa: E402
 from research.models import hf  # noqa: E402
 from research.train import checkpoint, loop, optim  # noqa: E402
 from tests.tiny_bert import (  # noqa: E402
-    tiny_model, random_params, token_batch, forward, gap, one_line, random_batch,
+    tiny_model, random_params, token_batch, forward, gap, one_line, loop_config, random_batch,
     save_torch_base, torch_bert_outputs
 )
 
@@ -287,28 +287,17 @@ def test_allocator_matches_peft_rank_allocator(tiny):
 # ---------------------------------------------------------------------------------------------
 
 
-def loop_config(**method):
-    from configs import common
-
-    config = common.base_config()
-    config.data.name = "rotten_tomatoes/sentiment"
-    config.model.name = "bert_tiny_classifier"
-    config.model.overrides = dict(num_classes=2, vocab_size=1000, hidden_size=32, num_heads=4,
-                                  mlp_dim=64, num_layers=1, hidden_dropout=0.0,
-                                  attention_dropout=0.0)
-    config.train.batch_size = 8
+def adalora_config(**method):
+    """The shared tiny loop config with AdaLoRA and 7 steps (the budget's schedule needs them)."""
+    config = loop_config(dict(name="adalora", **method))
     config.train.steps = 7
-    config.optim.learning_rate = 1e-2
-    config.optim.schedule = "constant"
-    config.mesh = dict(data=1)
-    config.method = dict(name="adalora", **method)
     return config
 
 
 def test_training_under_the_loop_follows_the_budget(tmp_path):
     """4 targets at init_r=3 (12 singular values) fall to target_r=1 (4): all train through
     tinit=1, the cubic budget masks the rest at every step of 2..4, then the final pattern."""
-    config = loop_config(targets=(r"encoder/.*/attn/(query|value|out)/kernel",
+    config = adalora_config(targets=(r"encoder/.*/attn/(query|value|out)/kernel",
                                   r"encoder/.*/mlp/wo/kernel"),
                          init_r=3, target_r=1, tinit=1, tfinal=2, also_train=(r"classifier/.*",))
     setup = loop.make_setup(config, loop.build_model(config), 7, devices=jax.devices()[:1])
@@ -352,7 +341,7 @@ def test_training_under_the_loop_follows_the_budget(tmp_path):
         np.testing.assert_array_equal(value, tree.flatten(after["method_state"])[path])
 
     # Every other method's train state is as before: no method_state key.
-    plain = loop_config()
+    plain = adalora_config()
     plain.method = dict(name="lora", targets=((r"encoder/.*/attn/query/kernel", 2),))
     lora_setup = loop.make_setup(plain, loop.build_model(plain), 7, devices=jax.devices()[:1])
     assert set(lora_setup.abstract_state) == {"step", "rng", "trainable", "frozen", "opt_state"}

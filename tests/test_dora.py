@@ -17,7 +17,8 @@ from research.models import hf
 from research.models.layers import MultiAxisDense
 from research.train import loop, optim
 from test_lora import randomize_factors
-from tests.tiny_bert import forward, random_params, tiny_model, token_batch, torch_bert_outputs
+from tests.tiny_bert import (forward, loop_config, random_params, tiny_model, token_batch,
+                             torch_bert_outputs)
 
 TARGETS = ((r"encoder/.*/attn/(query|out)/kernel", 4), (r"encoder/.*/mlp/wi/kernel", 2),
            (r"pooler/kernel", 3))
@@ -183,19 +184,8 @@ def test_dora_adapters_match_peft_in_torch_both_ways(tiny, adapted, tmp_path):
 
 
 def _config(method, hidden=32):
-    from configs import common
-
-    config = common.base_config()
-    config.data.name = "rotten_tomatoes/sentiment"
-    config.model.name = "bert_tiny_classifier"
-    config.model.overrides = dict(num_classes=2, vocab_size=1000, hidden_size=hidden,
-                                  num_heads=4, mlp_dim=4 * hidden, num_layers=1,
-                                  hidden_dropout=0.0, attention_dropout=0.0)
-    config.train.batch_size = 8
-    config.optim.learning_rate = 1e-2
-    config.optim.schedule = "constant"
-    config.mesh = dict(data=1)
-    config.method = method
+    config = loop_config(method)
+    config.model.overrides.update(hidden_size=hidden, mlp_dim=4 * hidden)
     return config
 
 
