@@ -5,11 +5,11 @@ Inverted dropout as ``flax.linen.Dropout`` computes it (kept values scaled by 1 
 but the mask's bits are not drawn with ``jax.random``: on XLA:CPU both RngBitGenerator and
 threefry cost 15 to 50 times the elementwise work they feed (dropout on a [32, 12, 64, 64]
 attention tensor: 19 ms with threefry, 38–79 ms with RngBitGenerator, 1.4 ms hashed), which
-made dropout a quarter of a MiniLM tuner's step. A mask
-only needs bits that are uniform and independent of the data, so each element's 32 bits are
-the murmur3 finaliser, twice, of its index and a 64-bit seed that is drawn once per call from
-the flax key. The hash is a few integer operations that fuse into the multiply, and the index
-is the element's global position (iotas), so the mask is the same under any sharding.
+made dropout a quarter of a MiniLM tuner's step. A mask only needs bits that are uniform and
+independent of the data, so each element's 32 bits are the murmur3 finaliser, twice, of its
+index and a 64-bit seed that is drawn once per call from the flax key. The hash is a few
+integer operations that fuse into the multiply, and the index is the element's global position
+(iotas), so the mask is the same under any sharding.
 """
 
 from __future__ import annotations
