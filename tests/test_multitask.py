@@ -24,7 +24,7 @@ from research.adapters.bottleneck import Bottleneck
 from research.adapters.polyhistor import Polyhistor
 from research.adapters.shared import SharedAdapter
 from research.train import loop, optim
-from tests.tiny_bert import random_tree, token_batch, forward, gap
+from tests.tiny_bert import forward, gap, loop_config, random_tree, token_batch
 
 TINY = dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, vocab_size=100,
             max_length=32, hidden_dropout=0.0, attention_dropout=0.0, num_classes=3)
@@ -171,20 +171,10 @@ def test_export_is_the_task_model_that_houlsby_adapters_run(tiny, poly):
 
 def _tiny_run_config(method: dict, data: str = "rotten_tomatoes/sentiment",
                      vocab_size: int = 1000):
-    from configs import common
-
-    config = common.base_config()
+    config = loop_config(method)
     config.data.name = data
     config.data.options = dict(max_length=16)
-    config.model.name = "bert_tiny_classifier"
-    config.model.overrides = dict(num_classes=2, vocab_size=vocab_size, hidden_size=32,
-                                  num_heads=4, mlp_dim=64, num_layers=1, hidden_dropout=0.0,
-                                  attention_dropout=0.0)
-    config.train.batch_size = 8
-    config.optim.learning_rate = 1e-2
-    config.optim.schedule = "constant"
-    config.mesh = dict(data=1)
-    config.method = method
+    config.model.overrides.vocab_size = vocab_size
     return config
 
 
